@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longctx.methods.base import Method
+
+
+@dataclass
+class FullAttention(Method):
+    """The unmodified model: ordinary causal attention over the whole context, at true positions.
+
+    The reference every method is measured against; it breaks past the pretrained length, which is the point.
+    """
+
+    name = "full"
