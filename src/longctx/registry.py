@@ -7,15 +7,19 @@ from typing import Any, TypeVar
 
 from longctx.methods.base import Method
 from longctx.methods.full import FullAttention
+from longctx.methods.longheads import LongHeads
 from longctx.tasks.base import Task
 from longctx.tasks.passkey import Passkey
+from longctx.tasks.pg19 import PG19Perplexity
 
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
+    "longheads": LongHeads,
 }
 
 TASKS: dict[str, type[Task]] = {
     "passkey": Passkey,
+    "pg19": PG19Perplexity,
 }
 
 T = TypeVar("T")

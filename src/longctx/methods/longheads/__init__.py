@@ -1,0 +1,147 @@
+"""LongHeads: Multi-Head Attention is Secretly a Long Context Processor (Lu et al. 2024, arXiv 2402.10685)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+
+from longctx.methods.base import Method, MethodError
+from longctx.methods.longheads.attention import Geometry, longheads_attention
+from longctx.methods.longheads.cache import LongHeadsCache
+from longctx.methods.rope import rope_inv_freq
+from longctx.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "longheads"
+
+
+@dataclass
+class LongHeads(Method):
+    """Every head attends to the few chunks that matter to it, at remapped positions within the trained range.
+
+    Args:
+        window_size: w, chunk length in tokens.
+        atten_length: A, tokens one head attends to per query (K = A / w chunks); keep it <= the pretrained length.
+        begin_selective_length: B, prefix encoded with ordinary causal attention; None means A. Must be >= A.
+        block_size: prefill queries that share one chunk selection (1 = per token, as the authors' release;
+            larger is the fast path). Must divide window_size.
+        exact_tail: the last prefill queries always select per token: their outputs produce the answer.
+        cpu_offload: keep the full key/value cache in host memory; only chosen chunks move to the accelerator.
+        record_selection: keep the chunks chosen for the last query of every forward call (for heatmaps).
+        gather_budget: key vectors gathered at once in prefill; lower it if a long prefill runs out of memory.
+        rope_scaling: optional PI / NTK to combine with, e.g. {"name": "pi", "factor": 2.0}; then A may exceed
+            the pretrained length by that factor.
+    """
+
+    name = "longheads"
+    window_size: int = 256
+    atten_length: int = 4096
+    begin_selective_length: int | None = None
+    block_size: int = 64
+    exact_tail: int = 64
+    cpu_offload: bool = False
+    record_selection: bool = False
+    gather_budget: int = 2**21
+    rope_scaling: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        begin = self.begin_selective_length or self.atten_length
+        w, a = self.window_size, self.atten_length
+        if w <= 0 or a % w:
+            raise MethodError(f"longheads atten_length ({a}) must be a multiple of window_size ({w})")
+        if a // w < 3:
+            raise MethodError(f"longheads needs atten_length >= 3 * window_size (first, previous, current chunk); got {a}/{w}")
+        if begin < a or begin % w:
+            raise MethodError(f"longheads begin_selective_length ({begin}) must be a multiple of window_size and >= atten_length ({a})")
+        if self.block_size <= 0 or w % self.block_size:
+            raise MethodError(f"longheads block_size ({self.block_size}) must divide window_size ({w})")
+        self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
+        self._rope_method: Method | None = None
+        self.active_cache: LongHeadsCache | None = None
+        self._applied: dict[str, Any] = {}
+
+    def _rope(self) -> Method | None:
+        if self.rope_scaling and self._rope_method is None:
+            from longctx.registry import build_method
+
+            params = dict(self.rope_scaling)
+            self._rope_method = build_method(params.pop("name"), **params)
+        return self._rope_method
+
+    def check_length(self, lm: LoadedModel, length: int) -> None:
+        rope_factor = float((self.rope_scaling or {}).get("factor") or 1.0)
+        if self.atten_length > lm.pretrained_length * rope_factor:
+            log.warning(
+                "longheads atten_length %d exceeds the pretrained length %d%s: heads will see unseen distances",
+                self.atten_length, lm.pretrained_length, f" x rope factor {rope_factor}" if rope_factor != 1 else "",
+            )
+        if self._rope() is not None:
+            self._rope().check_length(lm, length)
+
+    def apply(self, lm: LoadedModel) -> None:
+        model = lm.model
+        if self._rope() is not None:
+            self._rope().apply(lm)
+        try:
+            inv_freq = rope_inv_freq(model)
+        except ValueError as error:
+            raise MethodError(f"longheads needs a RoPE model: {error}") from None
+        self.inv_freq = inv_freq.detach().clone().float()
+        AttentionInterface.register(ATTENTION_NAME, longheads_attention)
+        attention_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+        if not attention_modules:
+            raise MethodError(f"longheads found no attention layers (with q_proj and layer_idx) in {type(model).__name__}")
+        for module in attention_modules:
+            module.longheads = self
+        self._applied = {
+            "attn_implementation": model.config._attn_implementation,
+            "modules": attention_modules,
+            "hook": model.register_forward_pre_hook(self._prepare_forward, with_kwargs=True),
+        }
+        model.config._attn_implementation = ATTENTION_NAME
+
+    def remove(self, lm: LoadedModel) -> None:
+        if not self._applied:
+            return
+        lm.model.config._attn_implementation = self._applied["attn_implementation"]
+        self._applied["hook"].remove()
+        for module in self._applied["modules"]:
+            del module.longheads
+        self._applied = {}
+        if self._rope() is not None:
+            self._rope().remove(lm)
+
+    def new_cache(self, lm_or_model) -> LongHeadsCache:
+        """A fresh cache for one sequence; `generate()` and plain forward calls get one automatically."""
+        model = getattr(lm_or_model, "model", lm_or_model)
+        return LongHeadsCache(model.config, offload=self.cpu_offload, record_selection=self.record_selection)
+
+    def _prepare_forward(self, model, args, kwargs):
+        """Forward pre-hook on the whole model: make sure this sequence carries a LongHeadsCache."""
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, LongHeadsCache):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise MethodError("longheads needs its own cache: pass past_key_values=method.new_cache(model) or none")
+            cache = self.new_cache(model)
+            kwargs["past_key_values"] = cache
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise MethodError("longheads does not support padded batches; run one sequence (or equal lengths) at a time")
+        self.active_cache = cache
+        return args, kwargs
+
+    def trace(self) -> dict[str, Any] | None:
+        """Chunks chosen per (layer, head) for the query that produced the first output token, and for later steps."""
+        trace = self.active_cache.trace if self.active_cache is not None else None
+        if trace is None:
+            return None
+        steps = [np.stack([step[layer].numpy() for layer in sorted(step)]) for step in trace.steps if step]
+        if not steps:
+            return None
+        return {"chosen": steps[0], "steps": steps, "num_chunks": trace.num_chunks, "window_size": self.window_size}

@@ -1,0 +1,108 @@
+"""Training-free RoPE rescaling baselines: Position Interpolation and NTK-aware scaling.
+
+Both only change the model's rope parameters and rebuild its rotary embedding from them, so they touch neither the
+attention implementation nor the weights. That makes them composable: another method (LongHeads) can hold one of
+these and call its `apply`/`remove` around its own patch; `rope.rope_inv_freq(model)` then returns the scaled
+frequencies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from longctx.methods.base import Method, MethodError
+from longctx.models import LoadedModel
+
+
+@dataclass
+class _RopeScaling(Method):
+    """Swap the model's `config.rope_parameters` for scaled ones and rebuild `model.model.rotary_emb` from them."""
+
+    factor: float | None = None
+    _target_length: int | None = field(default=None, init=False, repr=False, compare=False)
+    _saved: tuple[dict[str, Any], Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.factor is not None and self.factor < 1:
+            raise MethodError(f"{self.name}: factor must be >= 1 (got {self.factor})")
+
+    def check_length(self, lm: LoadedModel, length: int) -> None:
+        # The runner calls this before `apply`; with factor=None the factor is derived from this length.
+        self._target_length = length
+
+    def length_factor(self, lm: LoadedModel) -> float:
+        """Target length / pretrained length, at least 1: the smallest stretch that keeps positions in range."""
+        if self._target_length is None:
+            raise MethodError(f"{self.name}: factor=None needs check_length(lm, target_length) first, or set factor")
+        return max(1.0, self._target_length / lm.pretrained_length)
+
+    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+        """The rope parameters to use instead of `params` (a "default"-type dict holding `rope_theta`)."""
+        raise NotImplementedError
+
+    def apply(self, lm: LoadedModel) -> None:
+        config, base = lm.model.config, lm.model.base_model
+        params = getattr(config, "rope_parameters", None)
+        # Nested per-layer-type parameters and already-scaled types (llama3, yarn...) would need their own arithmetic.
+        if not isinstance(params, dict) or "rope_theta" not in params or params.get("rope_type") != "default":
+            raise MethodError(f"{self.name} needs a model with plain RoPE (rope_type 'default'); got {params}")
+        rotary = getattr(base, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise MethodError(f"{self.name}: {type(lm.model).__name__} has no model.rotary_emb to rescale")
+        config.rope_parameters = self.scaled(lm, dict(params), rotary_dim=2 * rotary.inv_freq.numel())
+        rebuilt = type(rotary)(config=config)
+        base.rotary_emb = rebuilt.to(rotary.inv_freq.device, rotary.inv_freq.dtype)
+        self._saved = (params, rotary)
+
+    def remove(self, lm: LoadedModel) -> None:
+        params, rotary = self._saved
+        lm.model.config.rope_parameters = params
+        lm.model.base_model.rotary_emb = rotary
+        self._saved = None
+
+
+@dataclass
+class PositionInterpolation(_RopeScaling):
+    """Position Interpolation (Chen et al. 2023, "Extending Context Window of Large Language Models via Positional
+    Interpolation"): position p is encoded as p / factor, squeezing the target length into the pretrained one.
+
+    factor=None: target length / pretrained length, taken from `check_length`.
+    """
+
+    name = "pi"
+
+    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+        factor = self.factor if self.factor is not None else self.length_factor(lm)
+        return {**params, "rope_type": "linear", "factor": float(factor)}
+
+
+@dataclass
+class NTKScaling(_RopeScaling):
+    """NTK-aware RoPE scaling (bloc97 2023, "NTK-Aware Scaled RoPE", r/LocalLLaMA): raise the RoPE base to
+    base * factor ** (d / (d - 2)), d the rotary dim, so that the lowest frequency is interpolated by `factor` while
+    the highest ones are nearly untouched.
+
+    dynamic=True (Dynamic NTK, emozilla 2023): transformers' "dynamic" type, which recomputes the base for the current
+    length n as base * (factor * n / L - (factor - 1)) ** (d / (d - 2)) once n exceeds the pretrained length L and is
+    plain RoPE within it. As in transformers, keys already cached keep the frequencies they were computed with.
+
+    factor=None: static -> target length / pretrained length (from `check_length`); dynamic -> 1, which makes the
+    scale at length n exactly n / L.
+    """
+
+    name = "ntk"
+    dynamic: bool = True
+
+    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+        if self.dynamic:
+            # transformers measures the pretrained length as config.max_position_embeddings.
+            if lm.model.config.max_position_embeddings != lm.pretrained_length:
+                raise MethodError(
+                    f"dynamic ntk scales from config.max_position_embeddings={lm.model.config.max_position_embeddings}"
+                    f" but the pretrained length is {lm.pretrained_length}; use dynamic=false"
+                )
+            factor = self.factor if self.factor is not None else 1.0
+            return {**params, "rope_type": "dynamic", "factor": float(factor)}
+        factor = self.factor if self.factor is not None else self.length_factor(lm)
+        return {**params, "rope_theta": params["rope_theta"] * factor ** (rotary_dim / (rotary_dim - 2))}

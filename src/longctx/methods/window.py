@@ -1,0 +1,216 @@
+"""Sliding-window attention with attention sinks, the StreamingLLM way (Xiao et al. 2023, "Efficient Streaming
+Language Models with Attention Sinks").
+
+A query at absolute position t attends to the first S = `sink_tokens` tokens and to the W = `window_size` most
+recent ones, itself included: keys j with t - W < j <= t. The tokens in between are evicted. Positions are assigned
+inside the window, so no query-key distance ever reaches S + W:
+
+* a recent key keeps its true distance t - j, in [0, W);
+* the e(t) = max(0, t - (S + W - 1)) evicted tokens are squeezed out: sink i sits at position i + e(t), i.e. at
+  distance min(t, S + W - 1) - i. Once eviction starts, sink S - 1 sits right before the oldest window token
+  (distance W) and sink 0 farthest (distance S + W - 1). Before it starts (t < S + W) every key is at its true
+  position and the attention equals full causal attention.
+
+This is what StreamingLLM's rolling cache gives (positions = slots in a cache of S + W entries), written per query
+so that prefill of a long input, block by block, and token-by-token decoding give the same outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, Cache, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from longctx.methods.base import Method, MethodError
+from longctx.methods.rope import rope_inv_freq, rotate
+from longctx.models import LoadedModel
+
+ATTENTION_NAME = "longctx_window"
+
+# Queries per block in prefill: a block needs the sinks plus a band of (block + W - 1) keys, so scores stay
+# O(block * (S + W)) instead of O(N^2).
+QUERY_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class _Window:
+    sink_tokens: int
+    window_size: int
+    model: PreTrainedModel
+
+
+# The attention function only receives the attention module; its settings are found through the module's config,
+# which every layer of a model shares. Keyed by id() because configs are unhashable dataclasses.
+_ACTIVE: dict[int, _Window] = {}
+
+
+class SinkWindowLayer(DynamicLayer):
+    """One layer's cache keeping the S sinks and the last W - 1 tokens: all that any later query can see.
+
+    `get_seq_length` counts every token seen, so that the model keeps numbering new tokens by absolute position.
+    """
+
+    is_croppable = False
+
+    def __init__(self, sink_tokens: int, window_size: int) -> None:
+        super().__init__()
+        self.sink_tokens, self.window_size = sink_tokens, window_size
+        self.cumulative_length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = self._evict(keys), self._evict(values)
+        return keys, values  # this step's queries may still need the tokens just evicted
+
+    def _evict(self, states: torch.Tensor) -> torch.Tensor:
+        length, keep = states.shape[-2], self.window_size - 1
+        if length <= self.sink_tokens + keep:
+            return states
+        # cat copies, so the full-length tensor of a long prefill is freed after this step instead of kept as a view.
+        return torch.cat([states[..., : self.sink_tokens, :], states[..., length - keep :, :]], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+
+class SinkWindowCache(Cache):
+    """KV cache of bounded size (S + W - 1 tokens per layer) for `SlidingWindow`."""
+
+    def __init__(self, sink_tokens: int, window_size: int, num_layers: int) -> None:
+        super().__init__(layers=[SinkWindowLayer(sink_tokens, window_size) for _ in range(num_layers)])
+
+
+def window_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered as "longctx_window" (see the module docstring for the positions).
+
+    query [B, Hq, q, D] at absolute positions `position_ids`, contiguous and ending at the last key; key/value
+    [B, Hkv, kv, D] are the sinks followed by a contiguous run of tokens, as `SinkWindowCache` (or any full cache)
+    keeps them. `attention_mask` is None: transformers builds no mask for an unknown implementation.
+    """
+    window = _ACTIVE.get(id(module.config))
+    position_ids = kwargs.get("position_ids")
+    if window is None or position_ids is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs SlidingWindow applied and position_ids passed")
+    sinks, size = window.sink_tokens, window.window_size
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    first = int(position_ids[0, 0])
+    offset = first + q_len - kv_len  # key slot of absolute position p >= sinks is p - offset
+    if offset < 0 or (offset > 0 and kv_len <= sinks):
+        raise RuntimeError(f"{ATTENTION_NAME}: {kv_len} cached keys do not fit queries at {first}..{first + q_len - 1}")
+    inv_freq = rope_inv_freq(window.model)
+    n_sinks = min(sinks, kv_len)
+    sink_k, sink_v = key[:, :, :n_sinks], value[:, :, :n_sinks]
+    out = query.new_empty(batch, q_len, q_heads, value.shape[-1])
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        # [B, Hq, n, D] -> [B, Hkv, g * n, D]: query head h reads kv head h // g (as repeat_kv), without copying k/v.
+        return x.reshape(batch, kv_heads, groups * x.shape[2], x.shape[3])
+
+    for start in range(0, q_len, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, q_len)
+        pos = torch.arange(first + start, first + stop, device=query.device)
+        hi = first + stop
+        lo = min(max(sinks, first + start - size + 1), hi)
+        band_pos = torch.arange(lo, hi, device=query.device)
+        q = query[:, :, start:stop]
+        # Moving sink i forward by e(t) is a rotation of its key by e(t); rotating the query by -e(t) instead gives
+        # the same score (RoPE rotations are orthogonal) at O(block) cost instead of O(block * S).
+        evicted = (pos - (sinks + size - 1)).clamp(min=0)
+        q_for_sinks = rotate(q, -evicted, inv_freq)
+        scores = torch.cat(
+            [
+                grouped(q_for_sinks) @ sink_k.transpose(-1, -2),
+                grouped(q) @ key[:, :, lo - offset : hi - offset].transpose(-1, -2),
+            ],
+            dim=-1,
+        ) * scaling
+        visible = torch.cat(
+            [
+                torch.arange(n_sinks, device=query.device) <= pos[:, None],
+                (band_pos <= pos[:, None]) & (band_pos > pos[:, None] - size),
+            ],
+            dim=-1,
+        )
+        scores = scores.masked_fill(~visible.repeat(groups, 1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+        block = probs @ torch.cat([sink_v, value[:, :, lo - offset : hi - offset]], dim=-2)
+        out[:, start:stop] = block.reshape(batch, q_heads, stop - start, -1).transpose(1, 2)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION_NAME, window_attention)
+
+
+@dataclass
+class SlidingWindow(Method):
+    """StreamingLLM (Xiao et al. 2023): attend to `sink_tokens` initial tokens plus the `window_size` most recent,
+    with positions assigned inside the window (see the module docstring), evicting the rest from the KV cache.
+
+    window_size=None: pretrained length - sink_tokens, so distances stay within the pretrained length.
+    Works with plain `model(...)` and `model.generate(...)`; batches must not be padded.
+    """
+
+    name = "window"
+    sink_tokens: int = 4
+    window_size: int | None = None
+    _saved: tuple[str | None, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.sink_tokens < 0 or (self.window_size is not None and self.window_size < 1):
+            raise MethodError(f"window: need sink_tokens >= 0 and window_size >= 1 (got {self})")
+
+    def resolved_window(self, lm: LoadedModel) -> int:
+        """The number of recent tokens each query sees."""
+        size = self.window_size if self.window_size is not None else lm.pretrained_length - self.sink_tokens
+        if size < 1:
+            raise MethodError(f"window: sink_tokens={self.sink_tokens} leaves no window in {lm.pretrained_length}")
+        return size
+
+    def apply(self, lm: LoadedModel) -> None:
+        model, config = lm.model, lm.model.config
+        window = _Window(self.sink_tokens, self.resolved_window(lm), model)
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+
+        def use_window_cache(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.ndim == 2 and not bool(mask.all()):
+                raise MethodError("window: padded batches are not supported (positions are taken from row 0)")
+            cache = kwargs.get("past_key_values")
+            use_cache = kwargs.get("use_cache")
+            fresh = cache is None and (use_cache if use_cache is not None else config.use_cache)
+            # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
+            if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+                kwargs["past_key_values"] = SinkWindowCache(window.sink_tokens, window.window_size, layers)
+            return args, kwargs
+
+        # The base model is what both model(...) and generate() go through, and it returns the cache it was given.
+        hook = model.base_model.register_forward_pre_hook(use_window_cache, with_kwargs=True)
+        _ACTIVE[id(config)] = window
+        self._saved = (config._attn_implementation, hook)
+        config._attn_implementation = ATTENTION_NAME
+
+    def remove(self, lm: LoadedModel) -> None:
+        implementation, hook = self._saved
+        lm.model.config._attn_implementation = implementation
+        hook.remove()
+        del _ACTIVE[id(lm.model.config)]
+        self._saved = None

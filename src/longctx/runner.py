@@ -1,0 +1,115 @@
+"""load model -> build method and task -> check length -> run under the method -> record. Knows no method by name."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from longctx.methods.base import Method
+from longctx.models import LoadedModel, load_model
+from longctx.registry import build_method, build_task
+from longctx.tasks.base import Task
+from longctx.tracking import RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    lm: LoadedModel,
+    method: Method,
+    task: Task,
+    out_dir: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    wandb_mode: str = "disabled",
+    wandb_project: str = "longctx",
+    wandb_dir: str | Path | None = None,
+    max_heatmaps: int = 4,
+) -> dict[str, float]:
+    """Run `task` on `lm` with `method` applied, and (when `out_dir` is given) write the run folder.
+
+    This is the whole runner; the CLI only builds its arguments from the Hydra config.
+    """
+    method.check_length(lm, task.max_length())
+    recorder = None
+    if out_dir is not None:
+        recorder = RunRecorder(
+            out_dir, config or {"method": method.name, "task": task.name, "model": lm.name},
+            wandb_mode=wandb_mode, project=wandb_project, wandb_dir=wandb_dir,
+            run_name=f"{task.name}-{method.name}-{lm.name}",
+        )
+    heatmaps_drawn = 0
+
+    def on_sample(record: dict[str, Any]) -> None:
+        nonlocal heatmaps_drawn
+        trace = method.trace()
+        if recorder is None:
+            return
+        recorder.log_sample(record)
+        if trace is not None and "chosen" in trace and heatmaps_drawn < max_heatmaps:
+            from longctx.viz import chunk_selection_heatmap
+
+            window = trace["window_size"]
+            needle = record.get("needle_token")
+            highlight = [needle // window, (needle + 24) // window] if needle is not None else []
+            figure = chunk_selection_heatmap(
+                trace["chosen"], trace["num_chunks"], sorted(set(highlight)),
+                title=f"{method.name} chunk selection, sample {record.get('sample')} "
+                f"(length {record.get('length')}, depth {record.get('depth', 0):.2f}, correct={record.get('correct')})",
+            )
+            recorder.log_figure(f"chunk_selection_{record.get('sample')}", figure)
+            heatmaps_drawn += 1
+
+    started = time.perf_counter()
+    with method(lm):
+        metrics = task.run(lm, on_sample)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+    if recorder is not None:
+        recorder.finish(metrics, task.tables(), task.figures())
+    return metrics
+
+
+def run_from_config(cfg) -> dict[str, float]:
+    """Entry used by `run.py`: a composed Hydra config (model, method, task, logger, seed, output_dir)."""
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("name")
+    lm = load_model(**model_cfg)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    method = build_method(method_cfg.pop("name"), **method_cfg)
+    task = build_task(task_cfg.pop("name"), **task_cfg)
+    metrics = evaluate(
+        lm, method, task,
+        out_dir=cfg.output_dir,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        wandb_mode=cfg.logger.mode,
+        wandb_project=cfg.logger.project,
+        wandb_dir=cfg.logger.dir,
+    )
+    print(summary_table(metrics, f"{task.name} | {method.name} | {lm.name} | {lm.device}"))
+    print(f"results: {cfg.output_dir}")
+    return metrics
+
+
+def summary_table(metrics: dict[str, float], title: str) -> str:
+    """Per-length metrics as a small table: one row per length, one column per metric."""
+    rows: dict[str, dict[str, float]] = {}
+    overall = {}
+    for key, value in metrics.items():
+        if "@" in key:
+            metric, length = key.split("@", 1)
+            rows.setdefault(length, {})[metric] = value
+        else:
+            overall[key] = value
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "length"
+    lines = [title, table.to_string(float_format=lambda v: f"{v:.3f}") if len(table) else ""]
+    lines.append("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in overall.items()))
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, as used by YaRN and LongHeads).
+
+A task instruction, a repeated filler sentence group, one line holding a random 5-digit key at a chosen depth,
+then the question. A sample is correct when the first integer in the greedy continuation is the key.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from longctx.models import LoadedModel
+from longctx.tasks.base import SampleCallback, Task, TaskError
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+_INTEGER = re.compile(r"\d+")
+
+
+def first_integer(text: str) -> int | None:
+    """The first run of digits in `text` as an int, or None ("key is 12,345" reads 12: the model must answer plainly)."""
+    match = _INTEGER.search(text)
+    return int(match.group()) if match else None
+
+
+@dataclass
+class PasskeyPrompt:
+    text: str
+    key: int
+    depth: float
+    num_tokens: int
+    needle_token: int  # index of the first token of the needle line
+
+
+def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
+    """A passkey prompt of about `length` tokens (within a few) with the needle at `depth` (0 = start, 1 = end)."""
+    if not 0.0 <= depth <= 1.0:
+        raise TaskError(f"passkey depth {depth} is outside [0, 1]")
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    needle = NEEDLE.format(key=key)
+    fixed = count(INSTRUCTION + needle + QUESTION)
+    per_filler = count(FILLER * 20) / 20
+    num_fillers = round((length - fixed) / per_filler)
+    if num_fillers < 1:
+        raise TaskError(f"passkey length {length} is below the prompt's fixed part ({fixed + 1} tokens); use a longer length")
+    before = round(depth * num_fillers)
+    head = INSTRUCTION + FILLER * before
+    text = head + needle + FILLER * (num_fillers - before) + QUESTION
+    return PasskeyPrompt(text, key, depth, count(text), count(head))
+
+
+@dataclass
+class Passkey(Task):
+    """Passkey retrieval accuracy per length and per depth.
+
+    Args:
+        lengths: prompt lengths in tokens of the model's own tokenizer.
+        num_samples: samples per length.
+        depths: needle depths to cycle through; None spreads the samples evenly over the whole context.
+        max_new_tokens: greedy tokens generated per sample (5 digits plus slack).
+        seed: keys and depths are a pure function of (seed, length, sample index).
+    """
+
+    name = "passkey"
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    num_samples: int = 3
+    depths: list[float] | None = None
+    max_new_tokens: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+
+    def max_length(self) -> int:
+        return max(self.lengths)
+
+    def samples(self, tokenizer) -> list[PasskeyPrompt]:
+        prompts = []
+        for length in self.lengths:
+            rng = random.Random(f"{self.seed}-{length}")
+            for index in range(self.num_samples):
+                if self.depths:
+                    depth = self.depths[index % len(self.depths)]
+                else:
+                    depth = (index + 0.5) / self.num_samples
+                prompts.append(build_prompt(tokenizer, length, depth, rng.randint(10000, 99999)))
+        return prompts
+
+    def run(self, lm: LoadedModel, on_sample: SampleCallback) -> dict[str, float]:
+        self._records = []
+        prompts = self.samples(lm.tokenizer)
+        on_cuda = lm.device.type == "cuda"
+        for index, prompt in enumerate(tqdm(prompts, desc="passkey", unit="sample")):
+            input_ids = lm.tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False).input_ids.to(lm.device)
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats(lm.device)
+                torch.cuda.synchronize(lm.device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = lm.model.generate(
+                    input_ids,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=lm.tokenizer.eos_token_id,
+                )
+            if on_cuda:
+                torch.cuda.synchronize(lm.device)
+            seconds = time.perf_counter() - started
+            answer = lm.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+            record = {
+                "sample": index,
+                "length": self.lengths[index // self.num_samples],
+                "prompt_tokens": input_ids.shape[1],
+                "depth": prompt.depth,
+                "needle_token": prompt.needle_token,
+                "key": prompt.key,
+                "output": answer,
+                "correct": first_integer(answer) == prompt.key,
+                "seconds": round(seconds, 3),
+                "peak_gpu_gib": round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 3) if on_cuda else None,
+            }
+            self._records.append(record)
+            on_sample(record)
+        return self.metrics()
+
+    def metrics(self) -> dict[str, float]:
+        frame = pd.DataFrame(self._records)
+        metrics: dict[str, float] = {"accuracy": float(frame.correct.mean())}
+        for length, group in frame.groupby("length"):
+            metrics[f"accuracy@{length}"] = float(group.correct.mean())
+            metrics[f"seconds@{length}"] = float(group.seconds.median())
+            if group.peak_gpu_gib.notna().any():
+                metrics[f"peak_gpu_gib@{length}"] = float(group.peak_gpu_gib.max())
+        return metrics
+
+    def tables(self) -> dict[str, Any]:
+        frame = pd.DataFrame(self._records)
+        frame["depth_bin"] = (frame.depth * 10).clip(upper=9.999).astype(int) / 10
+        by_depth = frame.pivot_table(index="depth_bin", columns="length", values="correct", aggfunc="mean")
+        return {"accuracy_by_depth": by_depth.reset_index()}
+
+    def figures(self) -> dict[str, Any]:
+        from longctx.viz import accuracy_heatmap
+
+        return {"accuracy_by_depth": accuracy_heatmap(pd.DataFrame(self._records))}

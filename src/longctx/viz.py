@@ -1,0 +1,50 @@
+"""Figures people would rather look at than read: accuracy by depth and length, chunk selection per head."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # runs headless on servers and in CI; notebooks still display the returned figures
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def accuracy_heatmap(records: pd.DataFrame, bins: int = 10) -> Figure:
+    """Passkey accuracy, needle depth (rows) x context length (columns), the field's standard picture."""
+    frame = records.assign(depth_bin=(records.depth * bins).clip(upper=bins - 1e-9).astype(int) / bins)
+    grid = frame.pivot_table(index="depth_bin", columns="length", values="correct", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.35 * grid.shape[0]))
+    image = ax.imshow(grid.values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [f"{c // 1024}k" if c >= 1024 else str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{d:.1f}" for d in grid.index])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def chunk_selection_heatmap(chosen: np.ndarray, num_chunks: int, highlight_chunks: list[int], title: str = "") -> Figure:
+    """The paper's Figure 5: which chunks each head picked, one row per (layer, head), one column per chunk.
+
+    Args:
+        chosen: int array [layers, heads, slots] of chunk indices picked for one query token.
+        num_chunks: chunks in the context (columns).
+        highlight_chunks: chunks to outline (the ones holding the passkey).
+    """
+    layers, heads, _ = chosen.shape
+    picked = np.zeros((layers * heads, num_chunks))
+    for row, slots in enumerate(chosen.reshape(layers * heads, -1)):
+        picked[row, slots[(slots >= 0) & (slots < num_chunks)]] = 1
+    fig, ax = plt.subplots(figsize=(min(18, 3 + num_chunks * 0.12), min(14, 2 + layers * heads * 0.045)))
+    ax.imshow(picked, cmap="Blues", aspect="auto", interpolation="nearest")
+    for chunk in highlight_chunks:
+        ax.axvspan(chunk - 0.5, chunk + 0.5, fill=False, edgecolor="red", linewidth=1.5)
+    ax.set_yticks([layer * heads + heads / 2 - 0.5 for layer in range(layers)], [str(layer) for layer in range(layers)])
+    ax.set_ylabel(f"layer ({heads} heads each)")
+    ax.set_xlabel("chunk index")
+    ax.set_title(title or "chunks chosen per head")
+    fig.tight_layout()
+    return fig
