@@ -129,7 +129,8 @@ def test_no_book_long_enough_fails_before_scoring(tmp_path, lm):
     folder = write_books(tmp_path / "books", {"a": 100, "b": 120})
     task = PG19Perplexity(lengths=[64, 500], source="folder", path=str(folder))
     records: list[dict] = []
-    with pytest.raises(TaskError, match="no book has 500 tokens .longest: 120"):
+    longest = len(lm.tokenizer(strip_gutenberg(prose(120, 1)))["input_ids"])  # the text as the task reads it
+    with pytest.raises(TaskError, match=rf"no book has 500 tokens \(longest: {longest}\)"):
         task.run(lm, records.append)
     assert records == []  # the impossible length is found before the possible one is scored
 
@@ -177,7 +178,9 @@ def test_config_file_builds_the_registered_task():
 
 def test_figure_has_one_curve_per_length(tmp_path, lm):
     folder = write_books(tmp_path / "books", {"a": 600})
-    task = PG19Perplexity(lengths=[64, 256], segments_per_length=1, source="folder", path=str(folder), position_buckets=8)
+    task = PG19Perplexity(
+        lengths=[64, 256], segments_per_length=1, source="folder", path=str(folder), position_buckets=8
+    )
     assert task.figures() == {} and task.tables() == {}  # nothing before a run
     run(task, lm)
     table = task.tables()["loss_by_position"]
@@ -223,3 +226,13 @@ def test_builtin_corpus_is_clean_and_in_a_fixed_order(builtin_books):
     emma = builtin_books[3].text
     assert emma.startswith("EMMA\n") and "Emma Woodhouse, handsome, clever, and rich" in emma
     assert load_books("builtin", limit=2) == builtin_books[:2]  # read back from the cache, same books, same order
+
+
+def test_books_past_those_needed_do_not_change_the_result(tmp_path, lm):
+    # Two long books give the two segments asked for; a third book (short, listed last) cannot enter the plan.
+    folder = write_books(tmp_path / "books", {"a": 300, "b": 300, "c": 40})
+    settings = dict(lengths=[64], segments_per_length=2, source="folder", path=str(folder))
+    everything, all_records = run(PG19Perplexity(**settings), lm)
+    first_two, _ = run(PG19Perplexity(**settings, num_books=2), lm)
+    assert everything == first_two
+    assert [r["book"] for r in all_records] == ["a", "b"]

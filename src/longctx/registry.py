@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 from longctx.methods.base import Method
 from longctx.methods.full import FullAttention
 from longctx.methods.longheads import LongHeads
+from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
+from longctx.methods.window import SlidingWindow
 from longctx.tasks.base import Task
 from longctx.tasks.passkey import Passkey
 from longctx.tasks.pg19 import PG19Perplexity
@@ -15,6 +17,9 @@ from longctx.tasks.pg19 import PG19Perplexity
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
     "longheads": LongHeads,
+    "pi": PositionInterpolation,
+    "ntk": NTKScaling,
+    "window": SlidingWindow,
 }
 
 TASKS: dict[str, type[Task]] = {

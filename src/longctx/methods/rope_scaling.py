@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from longctx.methods.base import Method, MethodError
 from longctx.models import LoadedModel
 
@@ -21,7 +23,7 @@ class _RopeScaling(Method):
 
     factor: float | None = None
     _target_length: int | None = field(default=None, init=False, repr=False, compare=False)
-    _saved: tuple[dict[str, Any], Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _saved: tuple[dict[str, Any], torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.factor is not None and self.factor < 1:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface, Cache, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -60,7 +61,9 @@ class SinkWindowLayer(DynamicLayer):
         self.sink_tokens, self.window_size = sink_tokens, window_size
         self.cumulative_length = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
@@ -172,7 +175,7 @@ class SlidingWindow(Method):
     name = "window"
     sink_tokens: int = 4
     window_size: int | None = None
-    _saved: tuple[str | None, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _saved: tuple[str | None, RemovableHandle] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or (self.window_size is not None and self.window_size < 1):

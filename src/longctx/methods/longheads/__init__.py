@@ -102,7 +102,8 @@ class LongHeads(Method):
         self._applied = {
             "attn_implementation": model.config._attn_implementation,
             "modules": attention_modules,
-            "hook": model.register_forward_pre_hook(self._prepare_forward, with_kwargs=True),
+            # on the decoder, not the LM wrapper: tasks that call the decoder directly (perplexity) pass through it too
+            "hook": model.get_decoder().register_forward_pre_hook(self._prepare_forward, with_kwargs=True),
         }
         model.config._attn_implementation = ATTENTION_NAME
 
@@ -123,7 +124,7 @@ class LongHeads(Method):
         return LongHeadsCache(model.config, offload=self.cpu_offload, record_selection=self.record_selection)
 
     def _prepare_forward(self, model, args, kwargs):
-        """Forward pre-hook on the whole model: make sure this sequence carries a LongHeadsCache."""
+        """Forward pre-hook on the decoder: make sure this sequence carries a LongHeadsCache."""
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, LongHeadsCache):
             if cache is not None and cache.get_seq_length() > 0:

@@ -1,0 +1,28 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longctx.models import LoadedModel
+
+
+def tiny_llama(max_positions: int = 256, seed: int = 0) -> LoadedModel:
+    """A 2-layer random Llama with GQA (4 query heads over 2 KV heads): fast, and exercises every code path."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+    )
+    return LoadedModel(LlamaForCausalLM(config).eval(), None, "tiny", max_positions)
+
+
+@pytest.fixture
+def tiny() -> LoadedModel:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The embedded SmolLM2-135M (real weights), loaded once per session on CPU."""
+    from longctx.models import load_model
+
+    return load_model(device="cpu", dtype="float32")

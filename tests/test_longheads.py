@@ -1,0 +1,228 @@
+"""LongHeads against a deliberately plain reference, and its promised properties."""
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from conftest import tiny_llama
+from longctx.methods.base import MethodError
+from longctx.methods.longheads import LongHeads
+
+W, A = 16, 64  # chunk length and attended tokens on the tiny model: K = 4 slots, selection from position 64 on
+SEQ = 200
+
+
+def lh(**params) -> LongHeads:
+    """LongHeads at the tiny model's scale (the defaults are for 4k-token heads)."""
+    return LongHeads(**{"window_size": W, "atten_length": A, "block_size": 4, "exact_tail": 8, **params})
+
+
+def plain_rope(module_holder, x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Rotate x [n, D] to `positions` with the model's own rotary module (negative positions un-rotate)."""
+    ids = torch.tensor([positions])
+    cos, sin = module_holder.model.rotary_emb(x[None], position_ids=ids)
+    rotated, _ = apply_rotary_pos_emb(x[None, None], x[None, None], cos, sin)
+    return rotated[0, 0]
+
+
+def reference_attention(lm, module, query, key, value, scaling):
+    """Token by token, head by head: summaries, selection, gather and RoPE written out in full (prefill from 0)."""
+    _, q_heads, n, dim = query.shape
+    group = q_heads // key.shape[1]
+    slots = A // W
+    out = torch.zeros_like(query)
+    rope = lambda x, pos: plain_rope(lm.model, x, pos)  # noqa: E731
+    for h in range(q_heads):
+        q_abs, k_abs, v = query[0, h], key[0, h // group], value[0, h // group]
+        q_raw = torch.stack([rope(q_abs[p : p + 1], [-p])[0] for p in range(n)])
+        k_raw = torch.stack([rope(k_abs[p : p + 1], [-p])[0] for p in range(n)])
+        summaries = []
+        for c in range(n // W):
+            local = list(range(W))
+            qc, kc = rope(q_raw[c * W : (c + 1) * W], local), rope(k_raw[c * W : (c + 1) * W], local)
+            inner = torch.softmax(qc @ kc.T * scaling, dim=-1) @ v[c * W : (c + 1) * W]
+            u = inner.mean(dim=0)
+            summaries.append(torch.softmax(u @ kc.T * scaling, dim=-1) @ kc)
+        for p in range(n):
+            if p < A:
+                weights = torch.softmax(q_abs[p] @ k_abs[: p + 1].T * scaling, dim=-1)
+                out[0, h, p] = weights @ v[: p + 1]
+                continue
+            j, offset = divmod(p, W)
+            scores = {c: float(q_raw[p] @ summaries[c]) for c in range(1, j - 1)}
+            middle = sorted(sorted(scores, key=scores.get, reverse=True)[: slots - 3])
+            chosen = [0, *middle, j - 1, j]
+            keys, values, positions = [], [], []
+            for slot, c in enumerate(chosen):
+                last = offset + 1 if c == j else W
+                keys.append(k_raw[c * W : c * W + last])
+                values.append(v[c * W : c * W + last])
+                positions += [slot * W + t for t in range(last)]
+            ks = rope(torch.cat(keys), positions)
+            qs = rope(q_raw[p : p + 1], [(slots - 1) * W + offset])[0]
+            assert max((slots - 1) * W + offset - pos for pos in positions) < A
+            weights = torch.softmax(qs @ ks.T * scaling, dim=-1)
+            out[0, h, p] = weights @ torch.cat(values)
+    return out.transpose(1, 2), None
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def logits(lm, ids, method=None):
+    with torch.no_grad():
+        if method is None:
+            return lm.model(ids).logits
+        with method(lm):
+            return lm.model(ids).logits
+
+
+def test_within_atten_length_equals_full_attention(tiny, ids):
+    short = ids[:, :A]
+    assert torch.allclose(logits(tiny, short, lh()), logits(tiny, short), atol=1e-5)
+
+
+def test_beyond_atten_length_differs_from_full_attention(tiny, ids):
+    assert not torch.allclose(logits(tiny, ids, lh()), logits(tiny, ids), atol=1e-3)
+
+
+def test_token_level_prefill_equals_plain_reference(tiny, ids):
+    def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        return reference_attention(tiny, module, query, key, value, scaling)
+
+    AttentionInterface.register("longheads_reference", reference)
+    previous = tiny.model.config._attn_implementation
+    tiny.model.config._attn_implementation = "longheads_reference"
+    try:
+        expected = logits(tiny, ids)
+    finally:
+        tiny.model.config._attn_implementation = previous
+    got = logits(tiny, ids, lh(block_size=1))
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_block_path_keeps_exact_tail_and_differs_in_bulk(tiny, ids):
+    per_token = logits(tiny, ids, lh(block_size=1))
+    block = logits(tiny, ids, lh(block_size=W, exact_tail=0))
+    assert not torch.allclose(block, per_token, atol=1e-4)  # block selection is a real approximation...
+    one_block_per_query = logits(tiny, ids, lh(block_size=1, exact_tail=0))
+    assert torch.allclose(one_block_per_query, per_token, atol=1e-6)  # ...and block size 1 is per-token selection
+
+
+def test_forced_chunks_and_distances(tiny, ids):
+    method = lh(block_size=4, record_selection=True)
+    with method(tiny), torch.no_grad():
+        tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+        trace = method.trace()
+    slots = A // W
+    assert len(trace["steps"]) == 20  # one per generated token: prefill's last query, then 19 decode steps
+    for step, chosen in enumerate(trace["steps"]):
+        position = SEQ - 1 + step
+        current = position // W
+        assert chosen.shape == (2, 4, slots)  # layers x query heads x slots
+        for row in chosen.reshape(-1, slots).tolist():
+            assert row[0] == 0 and row[-2:] == [current - 1, current]
+            assert row == sorted(set(row))  # distinct, original order
+            # remapped: slot i starts at i*w, query at (K-1)*w + its offset -> largest distance is to slot 0's start
+            assert (slots - 1) * W + position % W < A
+
+
+def test_heads_choose_differently(tiny, ids):
+    method = lh(block_size=1, record_selection=True)
+    with method(tiny), torch.no_grad():
+        tiny.model(ids)
+    chosen = method.trace()["chosen"]
+    assert len({tuple(row) for row in chosen.reshape(-1, chosen.shape[-1]).tolist()}) > 1
+
+
+def test_decoding_equals_prefill_at_same_position(tiny, ids):
+    """Per-token selection: decoding reproduces prefill exactly (documented difference: float rounding only)."""
+    method = lh(block_size=1)
+    full_prefill = logits(tiny, ids, method)
+    with method(tiny), torch.no_grad():
+        cache = method.new_cache(tiny)
+        tiny.model(ids[:, :130], past_key_values=cache)  # 130: mid-chunk, past the selective start
+        steps = [tiny.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(130, SEQ)]
+    assert torch.allclose(torch.stack(steps, dim=1), full_prefill[:, 130:], atol=1e-5)
+
+
+def test_cpu_offload_gives_same_logits(tiny, ids):
+    method = lh(block_size=4, cpu_offload=True)
+    expected = logits(tiny, ids, lh(block_size=4))
+    assert torch.allclose(logits(tiny, ids, method), expected, atol=1e-6)
+    with method(tiny), torch.no_grad():
+        cache = method.new_cache(tiny)
+        tiny.model(ids[:, :150], past_key_values=cache)
+        assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
+        assert type(cache.layers[0]).__name__ == "HostLayer"
+
+
+def test_remove_restores_model(tiny, ids):
+    before = logits(tiny, ids)
+    method = lh()
+    logits(tiny, ids, method)
+    assert tiny.model.config._attn_implementation != "longheads"
+    assert torch.equal(logits(tiny, ids), before)
+
+
+def test_generate_runs_beyond_pretrained_length():
+    lm = tiny_llama(max_positions=64)
+    ids = torch.randint(0, 128, (1, 300))
+    with lh()(lm), torch.no_grad():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 305)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"window_size": 16, "atten_length": 72}, "multiple of window_size"),
+        ({"window_size": 16, "atten_length": 32}, "first, previous, current"),
+        ({"window_size": 16, "atten_length": 64, "begin_selective_length": 48}, ">= atten_length"),
+        ({"window_size": 16, "atten_length": 64, "block_size": 5}, "must divide"),
+    ],
+)
+def test_bad_parameters_give_clear_errors(params, message):
+    with pytest.raises(MethodError, match=message):
+        LongHeads(**params)
+
+
+def test_model_without_rope_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from longctx.models import LoadedModel
+
+    gpt2 = LoadedModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), None, "gpt2", 1024)
+    with pytest.raises(MethodError, match="RoPE"):
+        with lh()(gpt2):
+            pass
+
+
+def test_atten_length_above_pretrained_warns(tiny, caplog):
+    lh(atten_length=4 * tiny.pretrained_length).check_length(tiny, 1000)
+    assert "exceeds the pretrained length" in caplog.text
+
+
+def test_padded_batch_is_refused(tiny, ids):
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with lh()(tiny), pytest.raises(MethodError, match="padded"):
+        tiny.model(ids, attention_mask=mask)
+
+
+@pytest.mark.slow
+def test_embedded_model_finds_passkey_beyond_atten_length(smollm2):
+    """Real weights: a 2k prompt read through 512-token heads (selection active for 3/4 of it) still finds the key."""
+    from longctx.tasks.passkey import Passkey
+
+    task = Passkey(lengths=[2048], num_samples=2, depths=[0.2, 0.6])
+    metrics = task.run(smollm2, on_sample=lambda record: None)
+    with LongHeads(window_size=64, atten_length=512, block_size=16)(smollm2):
+        selective = task.run(smollm2, on_sample=lambda record: None)
+    assert metrics["accuracy"] == 1.0 and selective["accuracy"] == 1.0
+    assert math.isfinite(selective["seconds@2048"])
