@@ -101,11 +101,12 @@ def extend_summaries(
         last = min(complete, first + per_group)
         span = slice(first * window, last * window)
         local = slice((first - done) * window, (last - done) * window)
+        # in float32: on repetitive text chunk summaries differ little, and bf16 rounding would decide the ranking
         new_summaries.append(
             chunk_summaries(
-                pending[:, :, local],
-                key[:, :, span].to(query.device),
-                value[:, :, span].to(query.device),
+                pending[:, :, local].float(),
+                key[:, :, span].to(query.device, torch.float32),
+                value[:, :, span].to(query.device, torch.float32),
                 first, window, inv_freq, scaling,
             )
         )
@@ -120,11 +121,11 @@ def select_chunks(
 ) -> torch.Tensor:
     """Chunk indices each head attends to, in original order.
 
-    raw_queries [B, Hq, n, D] (un-rotated, one per query or per block), summaries [B, Hq, done, D],
+    raw_queries [B, Hq, n, D] (un-rotated, one per query or per block), summaries [B, Hq, done, D], both float32,
     current_chunk [n] (chunk holding the query). Returns [B, Hq, n, slots]: first chunk, the top (slots - 3)
     middle chunks by q . c, previous chunk, current chunk.
     """
-    scores = torch.einsum("bhnd,bhcd->bhnc", raw_queries.float(), summaries.float())
+    scores = torch.einsum("bhnd,bhcd->bhnc", raw_queries, summaries)
     chunk_ids = torch.arange(summaries.shape[2], device=scores.device)
     middle = (chunk_ids[None, :] >= 1) & (chunk_ids[None, :] <= current_chunk[:, None] - 2)  # [n, done]
     scores = scores.masked_fill(~middle, float("-inf"))
@@ -158,11 +159,11 @@ def selective_attention(
 
     q = F.pad(query, (0, 0, 0, padded - q_len)).view(batch, q_heads, blocks, block, dim)
     positions = q_start + torch.arange(padded, device=device).view(blocks, block)
-    valid = (positions < q_start + q_len).to(query.dtype)
+    valid = (positions < q_start + q_len).float()
     current_chunk = positions[:, 0] // window  # [blocks]; a block never straddles chunks (block divides w)
     # selection uses queries WITHOUT RoPE; a block's score is the mean of its queries' scores
-    raw = rotate(q, -positions, inv_freq)
-    raw_mean = (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None]
+    raw = rotate(q.float(), -positions, inv_freq)
+    raw_mean = (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None].float()
     chosen = select_chunks(raw_mean, summaries, current_chunk, slots)  # [B, Hq, blocks, K]
 
     # remapping: slot i holds positions i*w..; the query keeps its place relative to the last slot, so a key from
