@@ -5,14 +5,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from longctx.models import LoadedModel
 
 
-def tiny_llama(max_positions: int = 256, seed: int = 0) -> LoadedModel:
+def tiny_llama(max_positions: int = 256, seed: int = 0, tokenizer=None, **config) -> LoadedModel:
     """A 2-layer random Llama with GQA (4 query heads over 2 KV heads): fast, and exercises every code path."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
     )
-    return LoadedModel(LlamaForCausalLM(config).eval(), None, "tiny", max_positions)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()
+    return LoadedModel(model, tokenizer, "tiny", max_positions)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 from longctx.methods import window as window_module
 from longctx.methods.base import MethodError
@@ -20,19 +20,8 @@ PRETRAINED = 128
 
 @pytest.fixture
 def lm() -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=PRETRAINED,
-        initializer_range=0.2,  # large enough weights that position changes move the logits visibly
-    )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    return LoadedModel(model, None, "tiny", PRETRAINED)
+    # large enough weights that position changes move the logits visibly
+    return tiny_llama(PRETRAINED, initializer_range=0.2)
 
 
 def logits(lm: LoadedModel, ids: torch.Tensor, **kwargs) -> torch.Tensor:

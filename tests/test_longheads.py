@@ -1,7 +1,5 @@
 """LongHeads against a deliberately plain reference, and its promised properties."""
 
-import math
-
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -217,12 +215,14 @@ def test_padded_batch_is_refused(tiny, ids):
 
 @pytest.mark.slow
 def test_embedded_model_finds_passkey_beyond_atten_length(smollm2):
-    """Real weights: a 2k prompt read through 512-token heads (selection active for 3/4 of it) still finds the key."""
+    """Real weights: a 1.5k prompt read through 512-token heads (selection active for 2/3 of it) still finds the key."""
     from longctx.tasks.passkey import Passkey
 
-    task = Passkey(lengths=[2048], num_samples=2, depths=[0.2, 0.6])
-    metrics = task.run(smollm2, on_sample=lambda record: None)
-    with LongHeads(window_size=64, atten_length=512, block_size=16)(smollm2):
-        selective = task.run(smollm2, on_sample=lambda record: None)
-    assert metrics["accuracy"] == 1.0 and selective["accuracy"] == 1.0
-    assert math.isfinite(selective["seconds@2048"])
+    task = Passkey(lengths=[1536], num_samples=1, depths=[0.3])
+    method = LongHeads(window_size=64, atten_length=512, block_size=16, record_selection=True)
+    with method(smollm2):
+        metrics = task.run(smollm2, on_sample=lambda record: None)
+        chosen = method.trace()["chosen"]
+    assert metrics["accuracy"] == 1.0
+    needle_chunk = task.samples(smollm2.tokenizer)[0].needle_token // 64
+    assert (chosen == needle_chunk).any(axis=-1).mean() > 0.2  # many heads went and looked at the key

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+from conftest import tiny_llama
 
 from longctx.data import books as books_module
 from longctx.data.books import AUSTEN_NOVELS, load_books, read_builtin, strip_gutenberg
@@ -36,17 +38,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LoadedModel(LlamaForCausalLM(config).eval(), byte_tokenizer(), "tiny", 512)
+    return tiny_llama(512, tokenizer=byte_tokenizer(), vocab_size=256)
 
 
 def prose(chars: int, seed: int) -> str:

@@ -35,6 +35,7 @@ def evaluate(
     This is the whole runner; the CLI only builds its arguments from the Hydra config.
     """
     method.check_length(lm, task.max_length())
+    task.check(lm)  # bad input fails here, before a run folder or a wandb run exists
     recorder = None
     if out_dir is not None:
         recorder = RunRecorder(
@@ -78,13 +79,14 @@ def run_from_config(cfg) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     torch.manual_seed(cfg.seed)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("name")
-    lm = load_model(**model_cfg)
+    # method and task first: a misspelt parameter fails before the model is loaded
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     method = build_method(method_cfg.pop("name"), **method_cfg)
     task = build_task(task_cfg.pop("name"), **task_cfg)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("name")
+    lm = load_model(**model_cfg)
     metrics = evaluate(
         lm, method, task,
         out_dir=cfg.output_dir,

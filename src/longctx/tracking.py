@@ -73,7 +73,8 @@ class RunRecorder:
             if self._rows:
                 self.wandb_run.log({"predictions": wandb.Table(dataframe=pd.DataFrame(self._rows).astype(str))})
             for name, table in tables.items():
-                self.wandb_run.log({name: wandb.Table(dataframe=table.astype(str))})
+                # column names as strings: pivot tables have int columns (lengths) that wandb cannot serialise
+                self.wandb_run.log({name: wandb.Table(dataframe=table.rename(columns=str).astype(str))})
             self.wandb_run.finish()
 
 

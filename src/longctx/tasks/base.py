@@ -25,6 +25,9 @@ class Task:
         """The longest input, in tokens, this task will feed the model (checked against the method first)."""
         raise NotImplementedError
 
+    def check(self, lm: LoadedModel) -> None:
+        """Raise `TaskError` on input that cannot work (missing data, impossible length) before anything runs."""
+
     def run(self, lm: LoadedModel, on_sample: SampleCallback) -> dict[str, float]:
         """Evaluate, calling `on_sample(record)` after each sample; return flat metrics (name -> number)."""
         raise NotImplementedError

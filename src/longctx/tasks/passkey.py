@@ -46,7 +46,7 @@ class PasskeyPrompt:
 
 
 def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
-    """A passkey prompt of about `length` tokens (within a few) with the needle at `depth` (0 = start, 1 = end)."""
+    """A passkey prompt of at most `length` tokens (a few short at most) with the needle at `depth` (0 = start, 1 = end)."""
     if not 0.0 <= depth <= 1.0:
         raise TaskError(f"passkey depth {depth} is outside [0, 1]")
 
@@ -59,9 +59,23 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
     num_fillers = round((length - fixed) / per_filler)
     if num_fillers < 1:
         raise TaskError(f"passkey length {length} is below the prompt's fixed part ({fixed + 1} tokens); use a longer length")
-    before = round(depth * num_fillers)
-    head = INSTRUCTION + FILLER * before
-    text = head + needle + FILLER * (num_fillers - before) + QUESTION
+
+    def assemble(fillers: int, tail: str = "") -> tuple[str, str]:
+        before = round(depth * fillers)
+        head = INSTRUCTION + FILLER * before
+        return head, head + needle + FILLER * (fillers - before) + tail + QUESTION
+
+    # never past the target (a prompt of 8200 tokens is not an 8k test), then top up word by word
+    while num_fillers > 1 and count(assemble(num_fillers)[1]) > length:
+        num_fillers -= 1
+    tail = ""
+    for word in FILLER.split(" ")[1:]:
+        if count(assemble(num_fillers, f"{tail} {word}")[1]) > length:
+            break
+        tail = f"{tail} {word}"
+    head, text = assemble(num_fillers, tail)
+    if count(text) > length:
+        raise TaskError(f"passkey length {length} is below the prompt's fixed part ({count(text)} tokens); use a longer length")
     return PasskeyPrompt(text, key, depth, count(text), count(head))
 
 
@@ -89,6 +103,9 @@ class Passkey(Task):
 
     def max_length(self) -> int:
         return max(self.lengths)
+
+    def check(self, lm: LoadedModel) -> None:
+        build_prompt(lm.tokenizer, min(self.lengths), 0.5, 10000)
 
     def samples(self, tokenizer) -> list[PasskeyPrompt]:
         prompts = []
