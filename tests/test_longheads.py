@@ -190,6 +190,17 @@ def test_bad_parameters_give_clear_errors(params, message):
         LongHeads(**params)
 
 
+def test_rope_scaling_combines_and_dynamic_ntk_is_refused(tiny, ids):
+    untouched = logits(tiny, ids)
+    plain = logits(tiny, ids, lh())
+    with_pi = logits(tiny, ids, lh(rope_scaling={"name": "pi", "factor": 2.0}))
+    assert not torch.allclose(with_pi, plain, atol=1e-4)  # PI really reaches the heads' remapped positions
+    assert torch.equal(logits(tiny, ids), untouched)  # and leaves with LongHeads
+    with pytest.raises(MethodError, match="dynamic NTK"):
+        with lh(rope_scaling={"name": "ntk", "factor": 2.0})(tiny):
+            pass
+
+
 def test_model_without_rope_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -72,6 +72,9 @@ class LongHeads(Method):
 
             params = dict(self.rope_scaling)
             self._rope_method = build_method(params.pop("name"), **params)
+            if getattr(self._rope_method, "dynamic", False):
+                # dynamic scaling changes the frequencies with the length, under keys already cached and summarised
+                raise MethodError("longheads cannot combine with dynamic NTK; use rope_scaling={name: ntk, dynamic: false, factor: F} or pi")
         return self._rope_method
 
     def check_length(self, lm: LoadedModel, length: int) -> None:
