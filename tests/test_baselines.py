@@ -138,7 +138,8 @@ def test_remove_restores_the_model_exactly(lm, make):
     assert config.rope_parameters == {"rope_theta": 10000.0, "rope_type": "default"}
     assert lm.model.model.rotary_emb is rotary
     assert config._attn_implementation == attention
-    assert not lm.model.model._forward_pre_hooks and not window_module._ACTIVE
+    assert not lm.model.model._forward_pre_hooks
+    assert not any(hasattr(module, "longctx_method") for module in lm.model.modules())
     torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
 
 
@@ -191,14 +192,10 @@ def test_window_attention_matches_a_naive_reference_with_documented_positions():
     query = rotate(torch.randn(1, kv_heads * groups, n, d), torch.arange(n), inv_freq)
     key = rotate(torch.randn(1, kv_heads, n, d), torch.arange(n), inv_freq)
     value = torch.randn(1, kv_heads, n, d)
-    config = SimpleNamespace()
     model = SimpleNamespace(model=SimpleNamespace(rotary_emb=SimpleNamespace(inv_freq=inv_freq)))
-    window_module._ACTIVE[id(config)] = window_module._Window(sinks, size, model)
-    try:
-        module = SimpleNamespace(config=config, training=False)
-        out, _ = window_attention(module, query, key, value, None, scaling=d**-0.5, position_ids=torch.arange(n)[None])
-    finally:
-        del window_module._ACTIVE[id(config)]
+    method = SimpleNamespace(window=window_module._Window(sinks, size, model))
+    module = SimpleNamespace(longctx_method=method, training=False)
+    out, _ = window_attention(module, query, key, value, None, scaling=d**-0.5, position_ids=torch.arange(n)[None])
     for t in range(n):
         evicted = max(0, t - (sinks + size - 1))
         visible = [j for j in range(t + 1) if j < sinks or j > t - size]
@@ -247,8 +244,9 @@ def test_window_greedy_generate_matches_prefill(lm):
 def test_window_default_size_fills_the_pretrained_length(lm):
     ids = ids_of(PRETRAINED)
     reference = logits(lm, ids)
-    with SlidingWindow(sink_tokens=4)(lm):
-        assert window_module._ACTIVE[id(lm.model.config)].window_size == PRETRAINED - 4
+    method = SlidingWindow(sink_tokens=4)
+    with method(lm):
+        assert method.window.window_size == PRETRAINED - 4
         torch.testing.assert_close(logits(lm, ids), reference, atol=1e-5, rtol=1e-5)
 
 

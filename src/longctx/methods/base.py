@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
+from transformers import AttentionInterface, Cache
+
 from longctx.models import LoadedModel
 
 
@@ -45,3 +47,52 @@ class Method:
             yield lm
         finally:
             self.remove(lm)
+
+
+@dataclass
+class AttentionMethod(Method):
+    """A method that swaps every layer's attention for a registered function and brings its own KV cache.
+
+    The plumbing lives here once: register `attention_function` with transformers' `AttentionInterface`, point every
+    attention module at this method (the function finds it as `module.longctx_method`), and hook the decoder's forward
+    so that each sequence carries the cache `prepare_cache` returns (plain `model(...)` and `generate()` alike).
+    Batches must not be padded: transformers builds no mask for a custom attention function.
+    """
+
+    attention_name: ClassVar[str] = "base"
+
+    @staticmethod
+    def attention_function(module, query, key, value, attention_mask, **kwargs):
+        raise NotImplementedError
+
+    def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> Cache | None:
+        """The cache this forward call should use, given the one it was called with."""
+        return cache
+
+    def apply(self, lm: LoadedModel) -> None:
+        model = lm.model
+        AttentionInterface.register(self.attention_name, self.attention_function)
+        modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+        if not modules:
+            raise MethodError(f"{self.name} found no attention layers (with q_proj and layer_idx) in {type(model).__name__}")
+        for module in modules:
+            module.longctx_method = self
+        # on the decoder, not the LM wrapper: tasks that call the decoder directly (perplexity) pass through it too
+        hook = model.get_decoder().register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._installed = (model.config._attn_implementation, hook, modules)
+        model.config._attn_implementation = self.attention_name
+
+    def remove(self, lm: LoadedModel) -> None:
+        implementation, hook, modules = self._installed
+        lm.model.config._attn_implementation = implementation
+        hook.remove()
+        for module in modules:
+            del module.longctx_method
+        del self._installed
+
+    def _before_forward(self, decoder, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise MethodError(f"{self.name} does not support padded batches; run one sequence (or equal lengths) at a time")
+        kwargs["past_key_values"] = self.prepare_cache(decoder.config, kwargs.get("past_key_values"), kwargs.get("use_cache"))
+        return args, kwargs

@@ -17,15 +17,14 @@ so that prefill of a long input, block by block, and token-by-token decoding giv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
-from transformers import AttentionInterface, Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from longctx.methods.base import Method, MethodError
+from longctx.methods.base import AttentionMethod, MethodError
 from longctx.methods.rope import rope_inv_freq, rotate
 from longctx.models import LoadedModel
 
@@ -41,11 +40,6 @@ class _Window:
     sink_tokens: int
     window_size: int
     model: PreTrainedModel
-
-
-# The attention function only receives the attention module; its settings are found through the module's config,
-# which every layer of a model shares. Keyed by id() because configs are unhashable dataclasses.
-_ACTIVE: dict[int, _Window] = {}
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -106,7 +100,8 @@ def window_attention(
     [B, Hkv, kv, D] are the sinks followed by a contiguous run of tokens, as `SinkWindowCache` (or any full cache)
     keeps them. `attention_mask` is None: transformers builds no mask for an unknown implementation.
     """
-    window = _ACTIVE.get(id(module.config))
+    method = getattr(module, "longctx_method", None)
+    window = getattr(method, "window", None)
     position_ids = kwargs.get("position_ids")
     if window is None or position_ids is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs SlidingWindow applied and position_ids passed")
@@ -160,11 +155,8 @@ def window_attention(
     return out, None
 
 
-AttentionInterface.register(ATTENTION_NAME, window_attention)
-
-
 @dataclass
-class SlidingWindow(Method):
+class SlidingWindow(AttentionMethod):
     """StreamingLLM (Xiao et al. 2023): attend to `sink_tokens` initial tokens plus the `window_size` most recent,
     with positions assigned inside the window (see the module docstring), evicting the rest from the KV cache.
 
@@ -173,9 +165,10 @@ class SlidingWindow(Method):
     """
 
     name = "window"
+    attention_name = ATTENTION_NAME
+    attention_function = staticmethod(window_attention)
     sink_tokens: int = 4
     window_size: int | None = None
-    _saved: tuple[str | None, RemovableHandle] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or (self.window_size is not None and self.window_size < 1):
@@ -189,31 +182,13 @@ class SlidingWindow(Method):
         return size
 
     def apply(self, lm: LoadedModel) -> None:
-        model, config = lm.model, lm.model.config
-        window = _Window(self.sink_tokens, self.resolved_window(lm), model)
-        layers = config.get_text_config(decoder=True).num_hidden_layers
+        self.window = _Window(self.sink_tokens, self.resolved_window(lm), lm.model)
+        super().apply(lm)
 
-        def use_window_cache(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.ndim == 2 and not bool(mask.all()):
-                raise MethodError("window: padded batches are not supported (positions are taken from row 0)")
-            cache = kwargs.get("past_key_values")
-            use_cache = kwargs.get("use_cache")
-            fresh = cache is None and (use_cache if use_cache is not None else config.use_cache)
-            # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
-            if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-                kwargs["past_key_values"] = SinkWindowCache(window.sink_tokens, window.window_size, layers)
-            return args, kwargs
-
-        # The base model is what both model(...) and generate() go through, and it returns the cache it was given.
-        hook = model.base_model.register_forward_pre_hook(use_window_cache, with_kwargs=True)
-        _ACTIVE[id(config)] = window
-        self._saved = (config._attn_implementation, hook)
-        config._attn_implementation = ATTENTION_NAME
-
-    def remove(self, lm: LoadedModel) -> None:
-        implementation, hook = self._saved
-        lm.model.config._attn_implementation = implementation
-        hook.remove()
-        del _ACTIVE[id(lm.model.config)]
-        self._saved = None
+    def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> Cache | None:
+        fresh = cache is None and (use_cache if use_cache is not None else config.use_cache)
+        # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
+        if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            layers = config.get_text_config(decoder=True).num_hidden_layers
+            return SinkWindowCache(self.window.sink_tokens, self.window.window_size, layers)
+        return cache

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
+from transformers import Cache
 
-from longctx.methods.base import Method, MethodError
+from longctx.methods.base import AttentionMethod, Method, MethodError
 from longctx.methods.longheads.attention import Geometry, longheads_attention
 from longctx.methods.longheads.cache import LongHeadsCache
 from longctx.methods.rope import rope_inv_freq
@@ -22,7 +22,7 @@ ATTENTION_NAME = "longheads"
 
 
 @dataclass
-class LongHeads(Method):
+class LongHeads(AttentionMethod):
     """Every head attends to the few chunks that matter to it, at remapped positions within the trained range.
 
     Args:
@@ -40,6 +40,8 @@ class LongHeads(Method):
     """
 
     name = "longheads"
+    attention_name = ATTENTION_NAME
+    attention_function = staticmethod(longheads_attention)
     window_size: int = 256
     atten_length: int = 4096
     begin_selective_length: int | None = None
@@ -64,7 +66,6 @@ class LongHeads(Method):
         self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
         self._rope_method: Method | None = None
         self.active_cache: LongHeadsCache | None = None
-        self._applied: dict[str, Any] = {}
 
     def _rope(self) -> Method | None:
         if self.rope_scaling and self._rope_method is None:
@@ -88,36 +89,17 @@ class LongHeads(Method):
             self._rope().check_length(lm, length)
 
     def apply(self, lm: LoadedModel) -> None:
-        model = lm.model
         if self._rope() is not None:
             self._rope().apply(lm)
         try:
-            inv_freq = rope_inv_freq(model)
+            inv_freq = rope_inv_freq(lm.model)
         except ValueError as error:
             raise MethodError(f"longheads needs a RoPE model: {error}") from None
         self.inv_freq = inv_freq.detach().clone().float()
-        AttentionInterface.register(ATTENTION_NAME, longheads_attention)
-        attention_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
-        if not attention_modules:
-            raise MethodError(f"longheads found no attention layers (with q_proj and layer_idx) in {type(model).__name__}")
-        for module in attention_modules:
-            module.longheads = self
-        self._applied = {
-            "attn_implementation": model.config._attn_implementation,
-            "modules": attention_modules,
-            # on the decoder, not the LM wrapper: tasks that call the decoder directly (perplexity) pass through it too
-            "hook": model.get_decoder().register_forward_pre_hook(self._prepare_forward, with_kwargs=True),
-        }
-        model.config._attn_implementation = ATTENTION_NAME
+        super().apply(lm)
 
     def remove(self, lm: LoadedModel) -> None:
-        if not self._applied:
-            return
-        lm.model.config._attn_implementation = self._applied["attn_implementation"]
-        self._applied["hook"].remove()
-        for module in self._applied["modules"]:
-            del module.longheads
-        self._applied = {}
+        super().remove(lm)
         if self._rope() is not None:
             self._rope().remove(lm)
 
@@ -126,19 +108,14 @@ class LongHeads(Method):
         model = getattr(lm_or_model, "model", lm_or_model)
         return LongHeadsCache(model.config, offload=self.cpu_offload, record_selection=self.record_selection)
 
-    def _prepare_forward(self, model, args, kwargs):
-        """Forward pre-hook on the decoder: make sure this sequence carries a LongHeadsCache."""
-        cache = kwargs.get("past_key_values")
+    def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> LongHeadsCache:
+        """Every sequence carries a LongHeadsCache, even with use_cache=False: the summaries live there."""
         if not isinstance(cache, LongHeadsCache):
             if cache is not None and cache.get_seq_length() > 0:
                 raise MethodError("longheads needs its own cache: pass past_key_values=method.new_cache(model) or none")
-            cache = self.new_cache(model)
-            kwargs["past_key_values"] = cache
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
-            raise MethodError("longheads does not support padded batches; run one sequence (or equal lengths) at a time")
+            cache = LongHeadsCache(config, offload=self.cpu_offload, record_selection=self.record_selection)
         self.active_cache = cache
-        return args, kwargs
+        return cache
 
     def trace(self) -> dict[str, Any] | None:
         """Chunks chosen per (layer, head) for the query that produced the first output token, and for later steps."""

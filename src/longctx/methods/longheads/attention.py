@@ -163,7 +163,7 @@ def selective_attention(
     current_chunk = positions[:, 0] // window  # [blocks]; a block never straddles chunks (block divides w)
     # selection uses queries WITHOUT RoPE; a block's score is the mean of its queries' scores
     raw = rotate(q.float(), -positions, inv_freq)
-    raw_mean = (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None].float()
+    raw_mean = (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None]
     chosen = select_chunks(raw_mean, summaries, current_chunk, slots)  # [B, Hq, blocks, K]
 
     # remapping: slot i holds positions i*w..; the query keeps its place relative to the last slot, so a key from
@@ -217,7 +217,7 @@ def selective_segments(start: int, end: int, kv_len: int, geometry: Geometry, q_
 
 def longheads_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' `AttentionInterface` under the name "longheads"."""
-    method = module.longheads
+    method = module.longctx_method
     cache: LongHeadsCache = method.active_cache
     geometry: Geometry = method.geometry
     inv_freq = method.inv_freq
