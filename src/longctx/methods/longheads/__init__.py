@@ -106,14 +106,17 @@ class LongHeads(AttentionMethod):
     def new_cache(self, lm_or_model) -> LongHeadsCache:
         """A fresh cache for one sequence; `generate()` and plain forward calls get one automatically."""
         model = getattr(lm_or_model, "model", lm_or_model)
-        return LongHeadsCache(model.config, offload=self.cpu_offload, record_selection=self.record_selection)
+        return self._fresh_cache(model.config)
+
+    def _fresh_cache(self, config) -> LongHeadsCache:
+        return LongHeadsCache(config, offload=self.cpu_offload, record_selection=self.record_selection)
 
     def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> LongHeadsCache:
         """Every sequence carries a LongHeadsCache, even with use_cache=False: the summaries live there."""
         if not isinstance(cache, LongHeadsCache):
             if cache is not None and cache.get_seq_length() > 0:
                 raise MethodError("longheads needs its own cache: pass past_key_values=method.new_cache(model) or none")
-            cache = LongHeadsCache(config, offload=self.cpu_offload, record_selection=self.record_selection)
+            cache = self._fresh_cache(config)
         self.active_cache = cache
         return cache
 
