@@ -17,7 +17,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
+
+from conftest import tiny_llama
 
 from longctx.methods.full import FullAttention
 from longctx.models import LoadedModel, ModelLoadError, embedded_model_dir, load_model
@@ -222,12 +224,16 @@ def test_cli_unknown_method_names_the_options_without_a_traceback():
     assert all(name in result.stderr for name in METHODS), result.stderr
 
 
-def test_cli_too_short_passkey_length_is_a_one_line_error(tmp_path):
-    result = run_cli("task.lengths=[10]", "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
+@pytest.mark.parametrize(
+    "override, message",
+    [("task.lengths=[10]", "length 10"), ("model=hf", "needs model.path")],
+)
+def test_cli_bad_input_is_a_one_line_error(tmp_path, override, message):
+    result = run_cli(override, "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "length 10" in errors[0], result.stderr
+    assert len(errors) == 1 and message in errors[0], result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == errors[0]
 
 
@@ -237,13 +243,10 @@ def test_cli_too_short_passkey_length_is_a_one_line_error(tmp_path):
 @pytest.fixture
 def tiny_lm(tokenizer) -> LoadedModel:
     """A 2-layer random Llama whose vocabulary is the embedded tokenizer's, so the passkey task runs on it."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    return tiny_llama(
+        512, tokenizer=tokenizer, vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return LoadedModel(LlamaForCausalLM(config).eval(), tokenizer, "tiny", 512)
 
 
 def read_predictions(run_dir: Path) -> list[dict]:

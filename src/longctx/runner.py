@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from longctx.methods.base import Method
-from longctx.models import LoadedModel, load_model
+from longctx.models import LoadedModel, ModelLoadError, load_model
 from longctx.registry import build_method, build_task
 from longctx.tasks.base import Task
 from longctx.tracking import RunRecorder
@@ -84,6 +84,8 @@ def run_from_config(cfg) -> dict[str, float]:
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     method = build_method(method_cfg.pop("name"), **method_cfg)
     task = build_task(task_cfg.pop("name"), **task_cfg)
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ModelLoadError(f"model={cfg.model.name} needs model.path=<local folder or hub id>")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("name")
     lm = load_model(**model_cfg)
