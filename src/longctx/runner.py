@@ -47,11 +47,11 @@ def evaluate(
 
     def on_sample(record: dict[str, Any]) -> None:
         nonlocal heatmaps_drawn
-        trace = method.trace()
         if recorder is None:
             return
         recorder.log_sample(record)
-        if trace is not None and "chosen" in trace and heatmaps_drawn < max_heatmaps:
+        trace = method.trace() if heatmaps_drawn < max_heatmaps else None
+        if trace is not None and "chosen" in trace:
             from longctx.viz import chunk_selection_heatmap
 
             window = trace["window_size"]

@@ -166,13 +166,16 @@ class Passkey(Task):
                 metrics[f"peak_gpu_gib@{length}"] = float(group.peak_gpu_gib.max())
         return metrics
 
-    def tables(self) -> dict[str, Any]:
+    def accuracy_by_depth(self, bins: int = 10) -> pd.DataFrame:
+        """Accuracy with needle depth in `bins` bins (rows) x context length (columns)."""
         frame = pd.DataFrame(self._records)
-        frame["depth_bin"] = (frame.depth * 10).clip(upper=9.999).astype(int) / 10
-        by_depth = frame.pivot_table(index="depth_bin", columns="length", values="correct", aggfunc="mean")
-        return {"accuracy_by_depth": by_depth.reset_index()}
+        frame["depth_bin"] = (frame.depth * bins).clip(upper=bins - 1e-9).astype(int) / bins
+        return frame.pivot_table(index="depth_bin", columns="length", values="correct", aggfunc="mean")
+
+    def tables(self) -> dict[str, Any]:
+        return {"accuracy_by_depth": self.accuracy_by_depth().reset_index()}
 
     def figures(self) -> dict[str, Any]:
         from longctx.viz import accuracy_heatmap
 
-        return {"accuracy_by_depth": accuracy_heatmap(pd.DataFrame(self._records))}
+        return {"accuracy_by_depth": accuracy_heatmap(self.accuracy_by_depth())}
