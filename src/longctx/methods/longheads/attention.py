@@ -4,8 +4,9 @@ transformers hands us, per layer, queries [batch, q_heads, q_len, head_dim] and 
 [batch, kv_heads, kv_len, head_dim], all already RoPE-rotated at their absolute positions. For every query past
 `begin_selective_length`, each query head scores the completed chunks with its un-rotated query against the chunk
 summaries, keeps the first chunk, the previous and the current chunk plus the top-scoring others (K = A / w slots),
-lays them side by side and attends to them with remapped positions. Remapping is a rotation of each gathered key by
-a multiple of w (RoPE composes), so no distance reaches A = atten_length.
+lays them side by side and attends to them with remapped positions. Remapping moves a gathered chunk by a multiple
+of w; since RoPE scores depend only on the rotation between query and key, the query is rotated once per slot
+instead of every gathered key, and no distance reaches A = atten_length.
 
 Behaviour we follow where the reference release is inconsistent: in prefill and decoding alike the forced chunks
 are (first, previous, current) and the query attends to its own key, as in ordinary causal attention. Prefill and
@@ -135,6 +136,28 @@ def select_chunks(
     return torch.cat((torch.zeros(shape, dtype=top.dtype, device=top.device), top, current - 1, current), dim=-1)
 
 
+def gather_chunks(cache: torch.Tensor, chosen: torch.Tensor, kv_head: torch.Tensor, window: int) -> torch.Tensor:
+    """Whole chunks of `cache` [B, Hkv, N, D] picked by `chosen` [B, Hq, G, K]: [B, Hq, G, K, w, D].
+
+    Selecting whole rows of w * D values with `index_select` is an order of magnitude faster on CPU than advanced
+    indexing. Only the last slot (the current chunk) can be the unfinished last chunk; its missing tail is zeros,
+    which the causal mask hides.
+    """
+    batch, kv_heads, length, dim = cache.shape
+    complete = length // window
+    rows = cache[:, :, : complete * window].reshape(batch * kv_heads * complete, window * dim)
+    chosen = chosen.to(cache.device)
+    batch_index = torch.arange(batch, device=cache.device).view(batch, 1, 1, 1)
+    row = (batch_index * kv_heads + kv_head) * complete + chosen.clamp(max=complete - 1)
+    picked = rows.index_select(0, row.flatten()).view(*chosen.shape, window, dim)
+    if length > complete * window:
+        tail = F.pad(cache[:, :, complete * window :], (0, 0, 0, (complete + 1) * window - length))  # [B, Hkv, w, D]
+        tail = tail[batch_index[..., 0, 0], kv_head[..., 0, 0]][:, :, None]  # [B, Hq, 1, w, D]
+        in_tail = (chosen[..., -1] == complete)[..., None, None]
+        picked[..., -1, :, :] = torch.where(in_tail, tail, picked[..., -1, :, :])
+    return picked
+
+
 def selective_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -152,7 +175,7 @@ def selective_attention(
     Returns the output [B, Hq, L, D] and the chunks chosen for the last query [B, Hq, K].
     """
     batch, q_heads, q_len, dim = query.shape
-    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    kv_heads = keys.shape[1]
     window, slots, device = geometry.window, geometry.slots, query.device
     blocks = -(-q_len // block)
     padded = blocks * block
@@ -167,36 +190,27 @@ def selective_attention(
     chosen = select_chunks(raw_mean, summaries, current_chunk, slots)  # [B, Hq, blocks, K]
 
     # remapping: slot i holds positions i*w..; the query keeps its place relative to the last slot, so a key from
-    # chunk c in slot i moves (j - c - (K - 1 - i)) * w positions closer to a query in chunk j
+    # chunk c in slot i moves (j - c - (K - 1 - i)) * w positions closer to a query in chunk j. RoPE scores depend
+    # only on q.R(shift)k = R(-shift)q.k, so each query is turned once per slot instead of turning every key gathered.
     slot = torch.arange(slots, device=device)
     shift = ((current_chunk[None, None, :, None] - chosen) - (slots - 1 - slot)) * window  # [B, Hq, blocks, K]
-    offset = torch.arange(window, device=device)
+    # causal inside the current chunk (last slot): its token t is visible to a query t' tokens into that chunk if t <= t'
+    into_chunk = positions - current_chunk[:, None] * window
+    hidden_in_current = torch.arange(window, device=device) > into_chunk[..., None]  # [blocks, block, w]
 
     kv_head = (torch.arange(q_heads, device=keys.device) // (q_heads // kv_heads)).view(1, q_heads, 1, 1)
-    batch_index = torch.arange(batch, device=keys.device).view(batch, 1, 1, 1)
-    token_offset = torch.arange(window, device=keys.device)
     per_group = max(1, geometry.gather_budget // (batch * q_heads * slots * window))
     out = torch.empty_like(q)
     for first in range(0, blocks, per_group):
         group = slice(first, min(blocks, first + per_group))
-        # token indices [B, Hq, G, K*w]; the current chunk's unwritten tail is clamped here and masked below
-        tokens = (chosen[:, :, group, :, None].to(keys.device) * window + token_offset).flatten(-2)
-        tokens = tokens.clamp_(max=kv_len - 1)
-        # [B, Hq, G, K*w, D]; with cpu_offload only these chunks cross to the accelerator
-        k_sel = keys[batch_index, kv_head, tokens].to(device, non_blocking=True)
-        v_sel = values[batch_index, kv_head, tokens].to(device, non_blocking=True)
-        g = k_sel.shape[2]
-        k_sel = rotate(k_sel.view(batch, q_heads, g, slots, window, dim), shift[:, :, group, :, None], inv_freq)
-        visible = torch.ones(g, block, slots, window, dtype=torch.bool, device=device)
-        # causal inside the current chunk (last slot): key position j*w + t must not pass the query's
-        visible[:, :, -1] = current_chunk[group, None, None] * window + offset <= positions[group, :, None]
-        out[:, :, group] = F.scaled_dot_product_attention(
-            q[:, :, group].reshape(batch * q_heads, g, block, dim),
-            k_sel.reshape(batch * q_heads, g, slots * window, dim),
-            v_sel.reshape(batch * q_heads, g, slots * window, dim),
-            attn_mask=visible.view(g, block, slots * window),
-            scale=scaling,
-        ).view(batch, q_heads, g, block, dim)
+        # [B, Hq, G, K, w, D]; with cpu_offload only these chunks cross to the accelerator
+        k_sel = gather_chunks(keys, chosen[:, :, group], kv_head, window).to(device, non_blocking=True)
+        v_sel = gather_chunks(values, chosen[:, :, group], kv_head, window).to(device, non_blocking=True)
+        q_slots = rotate(q[:, :, group, :, None, :], -shift[:, :, group, None, :], inv_freq) * scaling
+        scores = torch.einsum("bhgqkd,bhgkwd->bhgqkw", q_slots, k_sel)  # [B, Hq, G, block, K, w]
+        scores[..., -1, :].masked_fill_(hidden_in_current[group], float("-inf"))
+        probs = torch.softmax(scores.flatten(-2), dim=-1, dtype=torch.float32).to(v_sel.dtype)
+        out[:, :, group] = probs @ v_sel.flatten(3, 4)
     return out.view(batch, q_heads, padded, dim)[:, :, :q_len], chosen[:, :, -1]
 
 
