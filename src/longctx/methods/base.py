@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
+import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 
 from longctx.models import LoadedModel
@@ -13,6 +15,18 @@ from longctx.models import LoadedModel
 
 class MethodError(ValueError):
     """A method cannot serve this model or this length; the message says what to change."""
+
+
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_start: int, scaling: float
+) -> torch.Tensor:
+    """Ordinary causal attention at true positions; query [B, Hq, L, D] starts at position q_start, keys at 0."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_start == 0 and q_len == kv_len:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    positions = torch.arange(q_start, q_start + q_len, device=query.device)
+    mask = torch.arange(kv_len, device=query.device)[None, :] <= positions[:, None]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
 @dataclass

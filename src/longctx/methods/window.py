@@ -21,17 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Cache, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from longctx.methods.base import AttentionMethod, MethodError
+from longctx.methods.base import AttentionMethod, MethodError, causal_attention
 from longctx.methods.rope import rope_inv_freq, rotate
 from longctx.models import LoadedModel
 
 ATTENTION_NAME = "longctx_window"
 
-# Queries per block in prefill: a block needs the sinks plus a band of (block + W - 1) keys, so scores stay
-# O(block * (S + W)) instead of O(N^2).
+# Queries per block once eviction has started: a block needs the sinks plus a band of (block + W - 1) keys, so work
+# stays O(block * (S + W)) instead of O(N^2).
 QUERY_BLOCK = 512
 
 
@@ -108,51 +109,51 @@ def window_attention(
     sinks, size = window.sink_tokens, window.window_size
     batch, q_heads, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    groups = q_heads // kv_heads
     first = int(position_ids[0, 0])
     offset = first + q_len - kv_len  # key slot of absolute position p >= sinks is p - offset
     if offset < 0 or (offset > 0 and kv_len <= sinks):
         raise RuntimeError(f"{ATTENTION_NAME}: {kv_len} cached keys do not fit queries at {first}..{first + q_len - 1}")
     inv_freq = rope_inv_freq(window.model)
+    out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
+    # Before eviction starts (t < S + W) a query sees every key at its true position: plain causal attention.
+    before_eviction = min(max(sinks + size - first, 0), q_len)  # offset is 0 then: nothing has been evicted yet
+    if before_eviction:
+        stop = first + before_eviction
+        out[:, :, :before_eviction] = causal_attention(
+            query[:, :, :before_eviction], key[:, :, :stop], value[:, :, :stop], first, scaling
+        )
     n_sinks = min(sinks, kv_len)
     sink_k, sink_v = key[:, :, :n_sinks], value[:, :, :n_sinks]
-    out = query.new_empty(batch, q_len, q_heads, value.shape[-1])
-
-    def grouped(x: torch.Tensor) -> torch.Tensor:
-        # [B, Hq, n, D] -> [B, Hkv, g * n, D]: query head h reads kv head h // g (as repeat_kv), without copying k/v.
-        return x.reshape(batch, kv_heads, groups * x.shape[2], x.shape[3])
-
-    for start in range(0, q_len, QUERY_BLOCK):
+    key_dim, value_dim = query.shape[-1], value.shape[-1]
+    # Sink i sits e(t) positions past its slot, so its score is R(-e(t))q . k_i while a recent key scores q . k_j.
+    # Doubling the head dim puts both in one fused attention call: [q, R(-e)q] against [k_j, 0] and [0, k_i].
+    sink_k = torch.cat((torch.zeros_like(sink_k), sink_k), dim=-1)
+    for start in range(before_eviction, q_len, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, q_len)
         pos = torch.arange(first + start, first + stop, device=query.device)
         hi = first + stop
         lo = min(max(sinks, first + start - size + 1), hi)
         band_pos = torch.arange(lo, hi, device=query.device)
+        band_k = key[:, :, lo - offset : hi - offset]
         q = query[:, :, start:stop]
-        # Moving sink i forward by e(t) is a rotation of its key by e(t); rotating the query by -e(t) instead gives
-        # the same score (RoPE rotations are orthogonal) at O(block) cost instead of O(block * S).
-        evicted = (pos - (sinks + size - 1)).clamp(min=0)
-        q_for_sinks = rotate(q, -evicted, inv_freq)
-        scores = torch.cat(
-            [
-                grouped(q_for_sinks) @ sink_k.transpose(-1, -2),
-                grouped(q) @ key[:, :, lo - offset : hi - offset].transpose(-1, -2),
-            ],
-            dim=-1,
-        ) * scaling
+        q_for_sinks = rotate(q, -(pos - (sinks + size - 1)), inv_freq)
         visible = torch.cat(
-            [
-                torch.arange(n_sinks, device=query.device) <= pos[:, None],
+            (
+                torch.ones(stop - start, n_sinks, dtype=torch.bool, device=query.device),
                 (band_pos <= pos[:, None]) & (band_pos > pos[:, None] - size),
-            ],
+            ),
             dim=-1,
         )
-        scores = scores.masked_fill(~visible.repeat(groups, 1), float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-        block = probs @ torch.cat([sink_v, value[:, :, lo - offset : hi - offset]], dim=-2)
-        out[:, start:stop] = block.reshape(batch, q_heads, stop - start, -1).transpose(1, 2)
-    return out, None
+        values = torch.cat((sink_v, value[:, :, lo - offset : hi - offset]), dim=-2)
+        out[:, :, start:stop] = F.scaled_dot_product_attention(
+            torch.cat((q, q_for_sinks), dim=-1),
+            torch.cat((sink_k, torch.cat((band_k, torch.zeros_like(band_k)), dim=-1)), dim=-2),
+            F.pad(values, (0, 2 * key_dim - value_dim)),  # equal head dims keep SDPA on its fused kernel
+            attn_mask=visible,
+            scale=scaling,
+            enable_gqa=True,
+        )[..., :value_dim]
+    return out.transpose(1, 2), None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longctx.methods.base import causal_attention
 from longctx.methods.longheads.cache import LayerSummaries, LongHeadsCache
 from longctx.methods.rope import rotate
 
@@ -34,18 +35,6 @@ class Geometry:
     block: int  # queries sharing one selection in prefill (1 = per token)
     exact_tail: int  # last prefill queries that always select per token
     gather_budget: int  # key vectors gathered at once; bounds the working memory of long prefills
-
-
-def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_start: int, scaling: float
-) -> torch.Tensor:
-    """Ordinary causal attention at true positions; query [B, Hq, L, D] starts at position q_start, keys at 0."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if q_start == 0 and q_len == kv_len:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    positions = torch.arange(q_start, q_start + q_len, device=query.device)
-    mask = torch.arange(kv_len, device=query.device)[None, :] <= positions[:, None]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
 def chunk_summaries(
