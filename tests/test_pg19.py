@@ -20,7 +20,8 @@ from conftest import tiny_llama
 from longctx.data import books as books_module
 from longctx.data.books import AUSTEN_NOVELS, load_books, read_builtin, strip_gutenberg
 from longctx.models import LoadedModel
-from longctx.registry import build_task
+from longctx.registry import build_method, build_task
+from longctx.runner import evaluate
 from longctx.tasks.base import TaskError
 from longctx.tasks.pg19 import PG19Perplexity, plan_segments
 
@@ -228,3 +229,19 @@ def test_books_past_those_needed_do_not_change_the_result(tmp_path, lm):
     first_two, _ = run(PG19Perplexity(**settings, num_books=2), lm)
     assert everything == first_two
     assert [r["book"] for r in all_records] == ["a", "b"]
+
+
+def test_longheads_prefill_path_scores_segments_through_the_runner(tmp_path, lm):
+    """Within A LongHeads is full attention, so perplexity matches; past A it differs but stays finite. Each
+    segment is one sample; those past A (samples 2 and 3) get a chunk-selection heatmap named after them."""
+    folder = write_books(tmp_path / "books", {"a": 1200, "b": 1200})
+    task = PG19Perplexity(lengths=[64, 512], segments_per_length=2, source="folder", path=str(folder))
+    full = evaluate(lm, build_method("full"), task)
+    longheads = build_method(
+        "longheads", window_size=32, atten_length=128, block_size=8, exact_tail=8, record_selection=True
+    )
+    metrics = evaluate(lm, longheads, task, out_dir=tmp_path / "run")
+    assert metrics["ppl@64"] == pytest.approx(full["ppl@64"], rel=1e-5)
+    assert math.isfinite(metrics["ppl@512"]) and metrics["ppl@512"] != pytest.approx(full["ppl@512"], rel=1e-4)
+    heatmaps = sorted(path.name for path in (tmp_path / "run").glob("chunk_selection_*.png"))
+    assert heatmaps == ["chunk_selection_2.png", "chunk_selection_3.png"]

@@ -55,14 +55,16 @@ def evaluate(
             from longctx.viz import chunk_selection_heatmap
 
             window = trace["window_size"]
-            needle = record.get("needle_token")
-            highlight = [needle // window, (needle + 24) // window] if needle is not None else []
+            # tasks with a needle report its token span [needle_token, needle_end); its chunks get marked
+            span = (record.get("needle_token"), record.get("needle_end"))
+            highlight = list(range(span[0] // window, (span[1] - 1) // window + 1)) if None not in span else []
+            details = ", ".join(f"{key} {record[key]:.2f}" if isinstance(record[key], float) else f"{key} {record[key]}"
+                                for key in ("length", "depth", "correct", "book", "segment") if key in record)
             figure = chunk_selection_heatmap(
-                trace["chosen"], trace["num_chunks"], sorted(set(highlight)),
-                title=f"{method.name} chunk selection, sample {record.get('sample')} "
-                f"(length {record.get('length')}, depth {record.get('depth', 0):.2f}, correct={record.get('correct')})",
+                trace["chosen"], trace["num_chunks"], highlight,
+                title=f"{method.name} chunk selection, sample {record['sample']} ({details})",
             )
-            recorder.log_figure(f"chunk_selection_{record.get('sample')}", figure)
+            recorder.log_figure(f"chunk_selection_{record['sample']}", figure)
             heatmaps_drawn += 1
 
     started = time.perf_counter()

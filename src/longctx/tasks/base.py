@@ -7,7 +7,9 @@ from typing import Any, Callable, ClassVar
 
 from longctx.models import LoadedModel
 
-# Called once per finished sample with the sample's prediction record (a flat dict of JSON-able values).
+# Called once per finished sample with the sample's prediction record (a flat dict of JSON-able values). Every record
+# has "sample" (its index in the run) and "length"; a task whose input hides something at known tokens also gives
+# "needle_token" and "needle_end" (a span), which chunk-selection heatmaps mark.
 SampleCallback = Callable[[dict[str, Any]], None]
 
 

@@ -43,6 +43,7 @@ class PasskeyPrompt:
     depth: float
     num_tokens: int
     needle_token: int  # index of the first token of the needle line
+    needle_end: int  # index one past its last token
 
 
 def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
@@ -76,7 +77,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
     head, text = assemble(num_fillers, tail)
     if count(text) > length:
         raise TaskError(f"passkey length {length} is below the prompt's fixed part ({count(text)} tokens); use a longer length")
-    return PasskeyPrompt(text, key, depth, count(text), count(head))
+    return PasskeyPrompt(text, key, depth, count(text), count(head), count(head + needle))
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Passkey(Task):
                 "prompt_tokens": input_ids.shape[1],
                 "depth": prompt.depth,
                 "needle_token": prompt.needle_token,
+                "needle_end": prompt.needle_end,
                 "key": prompt.key,
                 "output": answer,
                 "correct": first_integer(answer) == prompt.key,

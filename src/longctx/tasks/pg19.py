@@ -154,6 +154,7 @@ class PG19Perplexity(Task):
                 mean = float(nll.mean())
                 on_sample(
                     {
+                        "sample": progress.n,
                         "length": length,
                         "book": books[book_index].id,
                         "title": books[book_index].title,
