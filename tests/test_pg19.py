@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_llama
 
+from longctx import aggregate
 from longctx.data import books as books_module
 from longctx.data.books import AUSTEN_NOVELS, load_books, read_builtin, strip_gutenberg
 from longctx.models import LoadedModel
@@ -24,6 +25,7 @@ from longctx.registry import build_method, build_task
 from longctx.runner import evaluate
 from longctx.tasks.base import TaskError
 from longctx.tasks.pg19 import PG19Perplexity, plan_segments
+from longctx.viz import loss_by_position_by_method
 
 WORDS = "the of and to a in that it was her she not be as you he his had with for but which on at all".split()
 
@@ -245,3 +247,22 @@ def test_longheads_prefill_path_scores_segments_through_the_runner(tmp_path, lm)
     assert math.isfinite(metrics["ppl@512"]) and metrics["ppl@512"] != pytest.approx(full["ppl@512"], rel=1e-4)
     heatmaps = sorted(path.name for path in (tmp_path / "run").glob("chunk_selection_*.png"))
     assert heatmaps == ["chunk_selection_2.png", "chunk_selection_3.png"]
+
+
+def test_aggregate_tables_and_plots_runs_written_by_the_api(tmp_path, lm):
+    folder = write_books(tmp_path / "books", {"a": 1200, "b": 1200})
+    task = PG19Perplexity(lengths=[64, 256], segments_per_length=2, source="folder", path=str(folder))
+    stale = evaluate(lm, build_method("window", window_size=16), task, out_dir=tmp_path / "cpu" / "2026-01-01_00-00")
+    window = evaluate(lm, build_method("window", window_size=32), task, out_dir=tmp_path / "gpu" / "2026-01-02_00-00")
+    full = evaluate(lm, build_method("full"), task, out_dir=tmp_path / "cpu" / "2026-01-03_00-00")
+
+    runs = aggregate.load_runs(tmp_path / "cpu", tmp_path / "gpu")
+    assert len(runs) == 6  # three runs x two lengths, found under both roots
+    cells = aggregate.table(runs, "pg19", "ppl")
+    assert cells.loc["full", 256] == f"{full['ppl@256']:.3g} (2)"
+    assert cells.loc["window w=32", 256] == f"{window['ppl@256']:.3g} (2)"
+    assert cells.loc["window w=16", 64] == f"{stale['ppl@64']:.3g} (2)"
+    curves = aggregate.load_curves(runs)
+    assert set(curves["label"]) == {"full", "window w=16", "window w=32"}
+    figure = loss_by_position_by_method(curves, pretrained_length=128)
+    assert len(figure.axes) == 2 and len(figure.axes[1].lines) == 3 + 1  # a curve per method, the pretrained line

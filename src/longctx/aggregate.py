@@ -1,7 +1,8 @@
-"""results/ -> one DataFrame -> tables. Every run folder holds config.yaml and metrics.json; nothing else is needed.
+"""results/ -> one DataFrame -> tables (and PG19's loss-by-position figure). Every run folder holds config.yaml and
+metrics.json; nothing else is needed.
 
     python -m longctx.aggregate results/h100 --task passkey --metric accuracy
-    python -m longctx.aggregate results --task pg19 --metric ppl --by method.atten_length
+    python -m longctx.aggregate results/h100 results/cpu --task pg19 --metric ppl --plot pg19_loss_by_position.png
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from omegaconf import OmegaConf
 LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload")
 
 
-def load_runs(root: str | Path = "results") -> pd.DataFrame:
-    """One row per (run folder, length): task, method, its parameters, model dtype, seed and every metric."""
+def load_runs(*roots: str | Path) -> pd.DataFrame:
+    """One row per (run folder, length) under `roots` (default results/): task, method, its parameters, model dtype,
+    seed and every metric."""
     rows = []
-    for metrics_file in sorted(Path(root).rglob("metrics.json")):
+    metrics_files = sorted({path for root in (roots or ("results",)) for path in Path(root).rglob("metrics.json")})
+    for metrics_file in metrics_files:
         run_dir = metrics_file.parent
         config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
         metrics = json.loads(metrics_file.read_text())
@@ -70,27 +73,52 @@ def _plain(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None) -> pd.DataFrame:
-    """Methods (rows) x lengths (columns) of `metric`, with the sample count in brackets; newest run wins a tie."""
+def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None) -> pd.DataFrame:
+    """The newest run (by folder name, a timestamp) per (method label, length) that has `metric`."""
     selected = runs[(runs.task == task) & runs[metric].notna()]
     if seed is not None:
         selected = selected[selected.seed == seed]
-    selected = selected.assign(label=label_methods(selected)).sort_values("run").groupby(["label", "length"]).last()
+    selected = selected.assign(label=label_methods(selected), stamp=selected["run"].map(lambda run: Path(run).name))
+    return selected.sort_values("stamp").groupby(["label", "length"]).last()
+
+
+def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None) -> pd.DataFrame:
+    """Methods (rows) x lengths (columns) of `metric`, with the sample count in brackets; newest run wins a tie."""
+    selected = latest(runs, task, metric, seed)
     cells = selected.apply(lambda row: f"{row[metric]:.3g} ({int(row['n'])})" if pd.notna(row["n"]) else f"{row[metric]:.3g}", axis=1)
     return cells.unstack("length").fillna("")
 
 
+def load_curves(runs: pd.DataFrame, seed: int | None = None) -> pd.DataFrame:
+    """Loss by position of the runs in the PG19 table: columns label, length, bucket_start, mean_nll."""
+    frames = []
+    for (label, length), row in latest(runs, "pg19", "ppl", seed).iterrows():
+        curve = pd.read_csv(Path(row["run"]) / "loss_by_position.csv")
+        frames.append(curve[curve["length"] == length].assign(label=label))
+    return pd.concat(frames, ignore_index=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Tables from run folders.")
-    parser.add_argument("root", nargs="?", default="results")
+    parser.add_argument("roots", nargs="*", default=["results"], help="folders searched for run folders")
     parser.add_argument("--task", default="passkey")
     parser.add_argument("--metric", default="accuracy")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--plot", help="pg19 only: write the loss-by-position figure of the table's runs here")
+    parser.add_argument("--pretrained-length", type=int, default=8192, help="marked on the --plot figure")
     args = parser.parse_args()
-    runs = load_runs(args.root)
+    runs = load_runs(*args.roots)
     if runs.empty:
-        raise SystemExit(f"no run folders (with metrics.json) under {args.root}")
+        raise SystemExit(f"error: no run folders (with metrics.json) under {' '.join(args.roots)}")
     print(table(runs, args.task, args.metric, args.seed).to_markdown())
+    if args.plot:
+        if args.task != "pg19":
+            raise SystemExit("error: --plot draws PG19 loss curves; use it with --task pg19")
+        from longctx.viz import loss_by_position_by_method
+
+        figure = loss_by_position_by_method(load_curves(runs, args.seed), args.pretrained_length)
+        figure.savefig(args.plot, dpi=120)
+        print(f"figure: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def evaluate(
     recorder = None
     if out_dir is not None:
         recorder = RunRecorder(
-            out_dir, config or {"method": method.name, "task": task.name, "model": lm.name},
+            out_dir, config or run_config(lm, method, task),
             wandb_mode=wandb_mode, project=wandb_project, wandb_dir=wandb_dir,
             run_name=f"{task.name}-{method.name}-{lm.name}",
         )
@@ -74,6 +75,16 @@ def evaluate(
     if recorder is not None:
         recorder.finish(metrics, task.tables(), task.figures())
     return metrics
+
+
+def run_config(lm: LoadedModel, method: Method, task: Task) -> dict[str, Any]:
+    """What an API run records as config.yaml: the same shape as the CLI's, so `longctx.aggregate` reads both."""
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "model": {"name": lm.name, "dtype": dtype, "device": str(lm.device)},
+        "method": {"name": method.name, **dataclasses.asdict(method)},
+        "task": {"name": task.name, **dataclasses.asdict(task)},
+    }
 
 
 def run_from_config(cfg) -> dict[str, float]:

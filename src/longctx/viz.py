@@ -46,3 +46,30 @@ def chunk_selection_heatmap(chosen: np.ndarray, num_chunks: int, highlight_chunk
     ax.set_title(title or "chunks chosen per head")
     fig.tight_layout()
     return fig
+
+
+def loss_by_position_by_method(curves: pd.DataFrame, pretrained_length: int | None = None) -> Figure:
+    """PG19 mean NLL by token position, one panel per segment length, one curve per method.
+
+    `curves` has columns label, length, bucket_start, mean_nll (`longctx.aggregate.load_curves`). A method that
+    extends the context keeps its curve flat past the pretrained length; one that does not turns up there.
+    """
+    lengths = sorted(curves["length"].unique())
+    figure = Figure(figsize=(3.6 * len(lengths) + 1.5, 3.6), layout="constrained")
+    axes = figure.subplots(1, len(lengths), sharey=True, squeeze=False)[0]
+    for ax, length in zip(axes, lengths):
+        for label, curve in curves[curves["length"] == length].groupby("label"):
+            ax.plot(curve["bucket_start"], curve["mean_nll"], marker=".", markersize=3, label=label)
+        if pretrained_length and pretrained_length < length:
+            ax.axvline(pretrained_length, color="grey", linestyle=":")
+        ax.set_title(f"{length // 1024}k tokens" if length >= 1024 else f"{length} tokens")
+        ax.set_xlabel("token position in segment")
+    axes[0].set_ylabel("mean NLL (nats)")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    for ax in axes[:-1]:  # a method may be missing at some lengths: collect every label once
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    figure.legend(handles, labels, loc="outside right upper")
+    return figure
