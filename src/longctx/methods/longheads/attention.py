@@ -128,17 +128,16 @@ def select_chunks(
 def gather_chunks(cache: torch.Tensor, chosen: torch.Tensor, kv_head: torch.Tensor, window: int) -> torch.Tensor:
     """Whole chunks of `cache` [B, Hkv, N, D] picked by `chosen` [B, Hq, G, K]: [B, Hq, G, K, w, D].
 
-    Selecting whole rows of w * D values with `index_select` is an order of magnitude faster on CPU than advanced
-    indexing. Only the last slot (the current chunk) can be the unfinished last chunk; its missing tail is zeros,
-    which the causal mask hides.
+    Each pick copies w * D contiguous values. The chunk view never copies the cache, which matters in decoding,
+    where the cache is long and the picks are few. Only the last slot (the current chunk) can be the unfinished last
+    chunk; its missing tail is zeros, which the causal mask hides.
     """
     batch, kv_heads, length, dim = cache.shape
     complete = length // window
-    rows = cache[:, :, : complete * window].reshape(batch * kv_heads * complete, window * dim)
+    chunks = cache[:, :, : complete * window].view(batch * kv_heads, complete, window * dim)
     chosen = chosen.to(cache.device)
     batch_index = torch.arange(batch, device=cache.device).view(batch, 1, 1, 1)
-    row = (batch_index * kv_heads + kv_head) * complete + chosen.clamp(max=complete - 1)
-    picked = rows.index_select(0, row.flatten()).view(*chosen.shape, window, dim)
+    picked = chunks[batch_index * kv_heads + kv_head, chosen.clamp(max=complete - 1)].view(*chosen.shape, window, dim)
     if length > complete * window:
         tail = F.pad(cache[:, :, complete * window :], (0, 0, 0, (complete + 1) * window - length))  # [B, Hkv, w, D]
         tail = tail[batch_index[..., 0, 0], kv_head[..., 0, 0]][:, :, None]  # [B, Hq, 1, w, D]
