@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 
 def accuracy_heatmap(grid: pd.DataFrame) -> Figure:
@@ -55,21 +56,17 @@ def loss_by_position_by_method(curves: pd.DataFrame, pretrained_length: int | No
     extends the context keeps its curve flat past the pretrained length; one that does not turns up there.
     """
     lengths = sorted(curves["length"].unique())
+    colors = {label: f"C{index}" for index, label in enumerate(sorted(curves["label"].unique()))}  # same in every panel
     figure = Figure(figsize=(3.6 * len(lengths) + 1.5, 3.6), layout="constrained")
     axes = figure.subplots(1, len(lengths), sharey=True, squeeze=False)[0]
     for ax, length in zip(axes, lengths):
         for label, curve in curves[curves["length"] == length].groupby("label"):
-            ax.plot(curve["bucket_start"], curve["mean_nll"], marker=".", markersize=3, label=label)
+            ax.plot(curve["bucket_start"], curve["mean_nll"], marker=".", markersize=3, color=colors[label], label=label)
         if pretrained_length and pretrained_length < length:
             ax.axvline(pretrained_length, color="grey", linestyle=":")
         ax.set_title(f"{length // 1024}k tokens" if length >= 1024 else f"{length} tokens")
         ax.set_xlabel("token position in segment")
     axes[0].set_ylabel("mean NLL (nats)")
-    handles, labels = axes[-1].get_legend_handles_labels()
-    for ax in axes[:-1]:  # a method may be missing at some lengths: collect every label once
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    figure.legend(handles, labels, loc="outside right upper")
+    handles = [Line2D([], [], color=color, marker=".", label=label) for label, color in colors.items()]
+    figure.legend(handles=handles, loc="outside right upper")
     return figure
