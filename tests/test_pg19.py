@@ -244,7 +244,8 @@ def test_longheads_prefill_path_scores_segments_through_the_runner(tmp_path, lm)
     )
     metrics = evaluate(lm, longheads, task, out_dir=tmp_path / "run")
     assert metrics["ppl@64"] == pytest.approx(full["ppl@64"], rel=1e-5)
-    assert math.isfinite(metrics["ppl@512"]) and metrics["ppl@512"] != pytest.approx(full["ppl@512"], rel=1e-4)
+    # past A heads drop chunks: the mean NLL moves (by ~1e-4 on this random model), far beyond float32 noise (~1e-7)
+    assert math.isfinite(metrics["nll@512"]) and abs(metrics["nll@512"] - full["nll@512"]) > 1e-5
     heatmaps = sorted(path.name for path in (tmp_path / "run").glob("chunk_selection_*.png"))
     assert heatmaps == ["chunk_selection_2.png", "chunk_selection_3.png"]
 
