@@ -38,6 +38,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -79,9 +79,8 @@ def evaluate(
 
 def run_config(lm: LoadedModel, method: Method, task: Task) -> dict[str, Any]:
     """What an API run records as config.yaml: the same shape as the CLI's, so `longctx.aggregate` reads both."""
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     return {
-        "model": {"name": lm.name, "dtype": dtype, "device": str(lm.device)},
+        "model": {"name": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
         "method": {"name": method.name, **dataclasses.asdict(method)},
         "task": {"name": task.name, **dataclasses.asdict(task)},
     }

@@ -18,15 +18,16 @@ class MethodError(ValueError):
 
 
 def causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_start: int, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_start: int, scaling: float, dropout: float = 0.0
 ) -> torch.Tensor:
     """Ordinary causal attention at true positions; query [B, Hq, L, D] starts at position q_start, keys at 0."""
     q_len, kv_len = query.shape[2], key.shape[2]
+    options = dict(dropout_p=dropout, scale=scaling, enable_gqa=True)
     if q_start == 0 and q_len == kv_len:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, **options)
     positions = torch.arange(q_start, q_start + q_len, device=query.device)
     mask = torch.arange(kv_len, device=query.device)[None, :] <= positions[:, None]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, **options)
 
 
 @dataclass

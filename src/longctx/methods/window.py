@@ -108,19 +108,20 @@ def window_attention(
         raise RuntimeError(f"{ATTENTION_NAME} attention needs SlidingWindow applied and position_ids passed")
     sinks, size = window.sink_tokens, window.window_size
     batch, q_heads, q_len, _ = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+    kv_len = key.shape[2]
     first = int(position_ids[0, 0])
     offset = first + q_len - kv_len  # key slot of absolute position p >= sinks is p - offset
     if offset < 0 or (offset > 0 and kv_len <= sinks):
         raise RuntimeError(f"{ATTENTION_NAME}: {kv_len} cached keys do not fit queries at {first}..{first + q_len - 1}")
     inv_freq = rope_inv_freq(window.model)
+    dropout = dropout if module.training else 0.0
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     # Before eviction starts (t < S + W) a query sees every key at its true position: plain causal attention.
     before_eviction = min(max(sinks + size - first, 0), q_len)  # offset is 0 then: nothing has been evicted yet
     if before_eviction:
         stop = first + before_eviction
         out[:, :, :before_eviction] = causal_attention(
-            query[:, :, :before_eviction], key[:, :, :stop], value[:, :, :stop], first, scaling
+            query[:, :, :before_eviction], key[:, :, :stop], value[:, :, :stop], first, scaling, dropout
         )
     n_sinks = min(sinks, kv_len)
     sink_k, sink_v = key[:, :, :n_sinks], value[:, :, :n_sinks]
@@ -150,6 +151,7 @@ def window_attention(
             torch.cat((sink_k, torch.cat((band_k, torch.zeros_like(band_k)), dim=-1)), dim=-2),
             F.pad(values, (0, 2 * key_dim - value_dim)),  # equal head dims keep SDPA on its fused kernel
             attn_mask=visible,
+            dropout_p=dropout,
             scale=scaling,
             enable_gqa=True,
         )[..., :value_dim]

@@ -75,9 +75,10 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
             break
         tail = f"{tail} {word}"
     head, text = assemble(num_fillers, tail)
-    if count(text) > length:
-        raise TaskError(f"passkey length {length} is below the prompt's fixed part ({count(text)} tokens); use a longer length")
-    return PasskeyPrompt(text, key, depth, count(text), count(head), count(head + needle))
+    num_tokens = count(text)
+    if num_tokens > length:
+        raise TaskError(f"passkey length {length} is below the prompt's fixed part ({num_tokens} tokens); use a longer length")
+    return PasskeyPrompt(text, key, depth, num_tokens, count(head), count(head + needle))
 
 
 @dataclass
