@@ -3,6 +3,7 @@ bad input, and the built-in book corpus (built once per machine; needs apt-get a
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -24,6 +25,7 @@ from longctx.models import LoadedModel
 from longctx.registry import build_method, build_task
 from longctx.runner import evaluate
 from longctx.tasks.base import TaskError
+from longctx.tasks import pg19
 from longctx.tasks.pg19 import PG19Perplexity, plan_segments
 from longctx.viz import loss_by_position_by_method
 
@@ -108,10 +110,13 @@ def test_segments_are_round_robin_over_books_long_enough():
     assert plan_segments([50, 99], 100, 3) == []
 
 
-def test_short_books_are_skipped_and_counted(tmp_path, lm):
+def test_short_books_are_skipped_and_counted(tmp_path, lm, monkeypatch):
+    # with the progress bar off (as TQDM_DISABLE=1 turns it off), samples are still numbered one by one
+    monkeypatch.setattr(pg19, "tqdm", functools.partial(pg19.tqdm, disable=True))
     folder = write_books(tmp_path / "books", {"long": 400, "short": 100})
     task = PG19Perplexity(lengths=[64, 150], segments_per_length=4, source="folder", path=str(folder))
     metrics, records = run(task, lm)
+    assert [r["sample"] for r in records] == list(range(6))
     assert metrics["skipped_books@64"] == 0 and metrics["skipped_books@150"] == 1
     assert [(r["book"], r["segment"]) for r in records if r["length"] == 64] == [
         ("long", 0), ("short", 0), ("long", 1), ("long", 2)

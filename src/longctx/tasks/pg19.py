@@ -144,6 +144,7 @@ class PG19Perplexity(Task):
         self._pretrained_length = lm.pretrained_length
         metrics: dict[str, float] = {}
         progress = tqdm(total=sum(map(len, plans.values())), desc="pg19", unit="segment")
+        sample = 0  # not progress.n: a disabled bar (TQDM_DISABLE=1) never counts
         for length, plan in plans.items():
             sums = np.zeros(length - 1, dtype=np.float64)
             for book_index, segment in plan:
@@ -154,7 +155,7 @@ class PG19Perplexity(Task):
                 mean = float(nll.mean())
                 on_sample(
                     {
-                        "sample": progress.n,
+                        "sample": sample,
                         "length": length,
                         "book": books[book_index].id,
                         "title": books[book_index].title,
@@ -165,6 +166,7 @@ class PG19Perplexity(Task):
                         "seconds": time.perf_counter() - started,
                     }
                 )
+                sample += 1
                 progress.update()
             self._position_sums[length], self._position_counts[length] = sums, len(plan)
             # Every segment scores the same number of tokens, so the token-weighted mean is the mean over positions.
