@@ -32,4 +32,6 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     half = rot_dim // 2
     rotated_half = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
     out = x_rot * cos + rotated_half * sin
-    return torch.cat((out, x_pass), dim=-1) if x_pass.numel() else out
+    if not x_pass.numel():
+        return out
+    return torch.cat((out, x_pass.expand(*out.shape[:-1], x_pass.shape[-1])), dim=-1)  # delta may broadcast x

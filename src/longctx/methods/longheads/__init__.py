@@ -11,8 +11,9 @@ import torch
 from transformers import Cache
 
 from longctx.methods.base import AttentionMethod, Method, MethodError
-from longctx.methods.longheads.attention import Geometry, longheads_attention
+from longctx.methods.longheads.attention import KERNELS, Geometry, longheads_attention
 from longctx.methods.longheads.cache import LongHeadsCache
+from longctx.methods.longheads.triton_kernel import shift_table
 from longctx.methods.rope import rope_inv_freq
 from longctx.models import LoadedModel
 
@@ -34,7 +35,10 @@ class LongHeads(AttentionMethod):
         exact_tail: the last prefill queries always select per token: their outputs produce the answer.
         cpu_offload: keep the full key/value cache in host memory; only chosen chunks move to the accelerator.
         record_selection: keep the chunks chosen for the last query of every forward call (for heatmaps).
-        gather_budget: key vectors gathered at once in prefill; lower it if a long prefill runs out of memory.
+        gather_budget: key vectors gathered at once by the reference kernel and the summaries; lower it if a long
+            prefill runs out of memory.
+        kernel: how the chosen chunks are attended: "triton" (fused GPU kernel), "torch" (stock torch, the CPU fast
+            path), "reference" (the plain formulation), or "auto" (triton on CUDA when importable, else torch).
         rope_scaling: optional PI / NTK to combine with, e.g. {"name": "pi", "factor": 2.0}; then A may exceed
             the pretrained length by that factor.
     """
@@ -50,6 +54,7 @@ class LongHeads(AttentionMethod):
     cpu_offload: bool = False
     record_selection: bool = False
     gather_budget: int = 2**21
+    kernel: str = "auto"
     rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -63,9 +68,12 @@ class LongHeads(AttentionMethod):
             raise MethodError(f"longheads begin_selective_length ({begin}) must be a multiple of window_size and >= atten_length ({a})")
         if self.block_size <= 0 or w % self.block_size:
             raise MethodError(f"longheads block_size ({self.block_size}) must divide window_size ({w})")
+        if self.kernel not in KERNELS:
+            raise MethodError(f"longheads kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
         self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
         self._rope_method: Method | None = None
         self.active_cache: LongHeadsCache | None = None
+        self._shift_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rope(self) -> Method | None:
         if self.rope_scaling and self._rope_method is None:
@@ -103,13 +111,22 @@ class LongHeads(AttentionMethod):
         if self._rope() is not None:
             self._rope().remove(lm)
 
+    def shift_table(self, inv_freq: torch.Tensor, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shifts by 0..rows-1 chunks for the Triton kernel; built once, grown geometrically with the context."""
+        key = (inv_freq.data_ptr(), str(device))
+        table = self._shift_tables.get(key)
+        if table is None or table[0].shape[0] < rows:
+            table = shift_table(inv_freq, self.window_size, max(rows, 2 * (0 if table is None else table[0].shape[0])), device)
+            self._shift_tables[key] = table
+        return table
+
     def new_cache(self, lm_or_model) -> LongHeadsCache:
         """A fresh cache for one sequence; `generate()` and plain forward calls get one automatically."""
         model = getattr(lm_or_model, "model", lm_or_model)
         return self._fresh_cache(model.config)
 
     def _fresh_cache(self, config) -> LongHeadsCache:
-        return LongHeadsCache(config, offload=self.cpu_offload, record_selection=self.record_selection)
+        return LongHeadsCache(config, self.window_size, offload=self.cpu_offload, record_selection=self.record_selection)
 
     def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> LongHeadsCache:
         """Every sequence carries a LongHeadsCache, even with use_cache=False: the summaries live there."""
