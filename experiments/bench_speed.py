@@ -100,7 +100,8 @@ def synchronize(device: torch.device) -> None:
 def run_once(lm: LoadedModel, method, ids: torch.Tensor, prefill_chunk: int, decode_tokens: int):
     """One prefill of `ids` then `decode_tokens` single-token steps: (prefill s, decode s per token)."""
     model, device = lm.model, ids.device
-    cache = method.new_cache(lm) if hasattr(method, "new_cache") else DynamicCache(config=model.config)
+    reserve = ids.shape[1] + decode_tokens
+    cache = method.new_cache(lm, reserve) if hasattr(method, "new_cache") else DynamicCache(config=model.config)
     synchronize(device)
     started = time.perf_counter()
     for first in range(0, ids.shape[1], prefill_chunk or ids.shape[1]):
@@ -139,6 +140,19 @@ def measure(lm: LoadedModel, spec: str, length: int, args, device: torch.device)
     }
 
 
+def profile(lm: LoadedModel, spec: str, length: int, args, device: torch.device) -> str:
+    """Where one prefill's time goes: the operators with the most self time on the device (or CPU)."""
+    method = parse_method(spec, lm, length)
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, length), device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with method(lm), torch.inference_mode():
+        run_once(lm, method, ids, args.prefill_chunk, 0)
+        with torch.profiler.profile(activities=activities) as prof:
+            run_once(lm, method, ids, args.prefill_chunk, 0)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"## {spec} at {length} tokens\n\n" + prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60)
+
+
 def with_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
     key = ["model", "length"]
@@ -168,6 +182,7 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=0, help="feed the prompt in pieces of this many tokens")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--out", default="results/bench/speed")
+    parser.add_argument("--profile", action="store_true", help="also profile one prefill per method at the longest length")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,6 +211,10 @@ def main() -> None:
     header = f"Machine: {machine}, {rows[0]['dtype']}, torch {torch.__version__}, transformers {transformers.__version__}; median of {args.repeats}.\n\n"
     (out / "speed.md").write_text(header + table + "\n")
     print(header + table)
+    if args.profile:
+        profiles = [profile(lm, spec, max(args.lengths), args, device) for spec in args.methods]
+        (out / "profile.txt").write_text("\n\n".join(profiles) + "\n")
+        print("\n\n".join(profiles))
 
 
 if __name__ == "__main__":

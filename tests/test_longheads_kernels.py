@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_llama
 from longctx.methods.longheads import LongHeads
-from longctx.methods.longheads.attention import Geometry, attend_reference, attend_slot_keys
-from longctx.methods.longheads.triton_kernel import shift_table, triton, triton_selective_attention
+from longctx.methods.longheads.attention import Geometry, attend_reference, attend_slot_keys, block_selection
+from longctx.methods.longheads.triton_kernel import shift_table, triton, triton_selective_attention, triton_token_attention
 
 needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
 on_gpu = torch.cuda.is_available()
@@ -41,7 +41,7 @@ def case(window, slots, dim, q_heads, kv_heads, kv_len, q_len, block, rotary_hal
     values = torch.randn(1, kv_heads, kv_len, dim, generator=generator).to(DEVICE, dtype)
     inv_freq = 1.0 / (1000.0 ** (torch.arange(rotary_half or dim // 2, dtype=torch.float32) / (rotary_half or dim // 2)))
     chosen = random_selection(q_start, q_len, block, window, slots, q_heads, seed).to(DEVICE)
-    geometry = Geometry(window, slots, slots * window, block, 0, 2**20)
+    geometry = Geometry(window, slots, slots * window, block, 0, 2**20, "auto")
     return query, keys, values, chosen, q_start, geometry, inv_freq.to(DEVICE)
 
 
@@ -72,6 +72,40 @@ def test_triton_kernel_matches_reference(params, dtype):
     tolerance = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     error = (out.transpose(1, 2).float() - expected).abs().max().item()
     assert error < tolerance, error
+
+
+TOKEN_CASES = [  # window, slots, head dim, query heads, kv heads, kv_len, q_len (+ rotary half-dims)
+    dict(window=16, slots=4, dim=16, q_heads=4, kv_heads=2, kv_len=150, q_len=7),  # exact tail, partial chunk
+    dict(window=16, slots=5, dim=32, q_heads=2, kv_heads=1, kv_len=133, q_len=1),  # one decoding step
+    dict(window=32, slots=4, dim=24, q_heads=3, kv_heads=3, kv_len=700, q_len=40, rotary_half=8),  # 21 chunks to rank
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("params", TOKEN_CASES, ids=lambda p: f"w{p['window']}K{p['slots']}D{p['dim']}L{p['q_len']}")
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if on_gpu else []))
+def test_triton_token_kernel_selects_and_attends_like_reference(params, dtype):
+    """Decoding's fused kernel: the same chunks as the torch selection, the same output as the reference."""
+    params = dict(params)
+    rotary_half = params.pop("rotary_half", None)
+    query, keys, values, _, q_start, geometry, inv_freq = case(**params, block=1, rotary_half=rotary_half, dtype=dtype)
+    done = keys.shape[2] // geometry.window
+    summaries = torch.randn(1, query.shape[1], done, query.shape[3], generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    scaling = query.shape[-1] ** -0.5
+    expected_chosen = block_selection(query, summaries, q_start, 1, geometry, inv_freq)
+    expected = attend_reference(
+        query.float(), keys.float(), values.float(), expected_chosen, q_start, 1, geometry, inv_freq, scaling
+    )
+    out = torch.empty(1, query.shape[2], query.shape[1], query.shape[3], dtype=dtype, device=DEVICE)
+    table = shift_table(inv_freq, geometry.window, done + 2, query.device)
+    chosen = triton_token_attention(
+        query, keys, values, summaries, q_start, geometry.window, geometry.slots, inv_freq, table, scaling, out
+    )
+    agree = (chosen.long() == expected_chosen).all(dim=-1).float().mean().item()
+    assert agree >= (1.0 if dtype == torch.float32 else 0.95), agree  # bf16 queries may flip a near tie
+    same = (chosen.long() == expected_chosen).all(dim=-1)  # [1, Hq, L]
+    error = (out.transpose(1, 2).float() - expected).abs().amax(dim=-1)[same].max().item()
+    assert error < {torch.float32: 2e-4, torch.bfloat16: 3e-2}[dtype], error
 
 
 @pytest.mark.parametrize("params", [p for p in CASES if p["block"] > 1], ids=lambda p: f"w{p['window']}b{p['block']}")

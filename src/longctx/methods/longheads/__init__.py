@@ -70,7 +70,9 @@ class LongHeads(AttentionMethod):
             raise MethodError(f"longheads block_size ({self.block_size}) must divide window_size ({w})")
         if self.kernel not in KERNELS:
             raise MethodError(f"longheads kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
-        self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
+        self.geometry = Geometry(
+            w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget, self.kernel
+        )
         self._rope_method: Method | None = None
         self.active_cache: LongHeadsCache | None = None
         self._shift_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -120,13 +122,18 @@ class LongHeads(AttentionMethod):
             self._shift_tables[key] = table
         return table
 
-    def new_cache(self, lm_or_model) -> LongHeadsCache:
-        """A fresh cache for one sequence; `generate()` and plain forward calls get one automatically."""
-        model = getattr(lm_or_model, "model", lm_or_model)
-        return self._fresh_cache(model.config)
+    def new_cache(self, lm_or_model, reserve: int = 0) -> LongHeadsCache:
+        """A fresh cache for one sequence; `generate()` and plain forward calls get one automatically.
 
-    def _fresh_cache(self, config) -> LongHeadsCache:
-        return LongHeadsCache(config, self.window_size, offload=self.cpu_offload, record_selection=self.record_selection)
+        reserve: tokens to allocate for at once when the sequence will be fed in pieces (see LongHeadsCache).
+        """
+        model = getattr(lm_or_model, "model", lm_or_model)
+        return self._fresh_cache(model.config, reserve)
+
+    def _fresh_cache(self, config, reserve: int = 0) -> LongHeadsCache:
+        return LongHeadsCache(
+            config, self.window_size, offload=self.cpu_offload, record_selection=self.record_selection, reserve=reserve
+        )
 
     def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> LongHeadsCache:
         """Every sequence carries a LongHeadsCache, even with use_cache=False: the summaries live there."""
@@ -142,7 +149,7 @@ class LongHeads(AttentionMethod):
         trace = self.active_cache.trace if self.active_cache is not None else None
         if trace is None:
             return None
-        steps = [np.stack([step[layer].numpy() for layer in sorted(step)]) for step in trace.steps if step]
+        steps = [np.stack([step[layer].cpu().numpy() for layer in sorted(step)]) for step in trace.steps if step]
         if not steps:
             return None
         return {"chosen": steps[0], "steps": steps, "num_chunks": trace.num_chunks, "window_size": self.window_size}

@@ -28,12 +28,16 @@ import torch.nn.functional as F
 
 from longctx.methods.base import causal_attention
 from longctx.methods.longheads.cache import LayerSummaries, LongHeadsCache
-from longctx.methods.longheads.triton_kernel import triton_available, triton_selective_attention
+from longctx.methods.longheads.triton_kernel import triton_available, triton_selective_attention, triton_token_attention
 from longctx.methods.rope import rotate
 
 KERNELS = ("auto", "triton", "torch", "reference")
 # the torch kernel's gathered keys and values stay within this many elements: a few tens of MB, cache-resident
 TORCH_WORKING_SET = 2**22
+# float32 queries summarised at once (elements): bounds the summaries' transient memory in long prefills
+SUMMARY_WORKING_SET = 2**23
+# queries selected and attended at once: bounds the float32 selection state of a long prefill
+QUERY_PIECE = 8192
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Geometry:
     block: int  # queries sharing one selection in prefill (1 = per token)
     exact_tail: int  # last prefill queries that always select per token
     gather_budget: int  # key vectors gathered at once by the reference kernel; bounds its working memory
+    kernel: str  # triton, torch, reference or auto (attention.py's docstring)
 
 
 def chunk_summaries(
@@ -97,8 +102,7 @@ def extend_summaries(
     if done * window + pending.shape[2] != key.shape[2]:
         raise RuntimeError("LongHeads cache out of step with the key cache: use one LongHeadsCache per sequence")
     complete = key.shape[2] // window
-    # bound the in-chunk attention scores [B, Hq, m, w, w] to gather_budget * head_dim elements
-    per_group = max(1, geometry.gather_budget * query.shape[-1] // (query.shape[0] * query.shape[1] * window * window))
+    per_group = max(1, SUMMARY_WORKING_SET // (query.shape[0] * query.shape[1] * window * query.shape[-1]))
     new_summaries = []
     for first in range(done, complete, per_group):
         last = min(complete, first + per_group)
@@ -310,7 +314,7 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
     batch, q_heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     q_start = kv_len - q_len
-    kernel = resolve_kernel(method.kernel, query.device)
+    kernel = resolve_kernel(geometry.kernel, query.device)
 
     extend_summaries(cache.layer_summaries(module.layer_idx), query, key, value, geometry, inv_freq, scaling)
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)  # the layout the model wants
@@ -327,22 +331,35 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
         key, value = key.to(query.device, non_blocking=True), value.to(query.device, non_blocking=True)
     chosen_last = None
     summaries = cache.summaries[module.layer_idx].keys
+    table = None
+    if kernel == "triton" and key.device == query.device:
+        table = method.shift_table(inv_freq, -(-kv_len // geometry.window) + 1, query.device)
     for start, end, block in selective_segments(q_start + num_full, kv_len, kv_len, geometry, q_len):
-        rows = slice(start - q_start, end - q_start)
-        chosen = block_selection(query[:, :, rows], summaries, start, block, geometry, inv_freq)
-        chosen_last = chosen[:, :, -1]
-        if kernel == "triton" and key.device == query.device:
-            table = method.shift_table(inv_freq, -(-kv_len // geometry.window) + 1, query.device)
-            triton_selective_attention(
-                query[:, :, rows], key, value, chosen, start, block, geometry.window, table, scaling, out[:, rows]
-            )
-            continue
-        attend = attend_slot_keys if kernel == "torch" and block > 1 and key.device == query.device else attend_reference
-        out_heads[:, :, rows] = attend(query[:, :, rows], key, value, chosen, start, block, geometry, inv_freq, scaling)
+        for piece in range(start, end, QUERY_PIECE):
+            rows = slice(piece - q_start, min(end, piece + QUERY_PIECE) - q_start)
+            piece_query = query[:, :, rows]
+            if table is not None and block == 1:
+                chosen = triton_token_attention(
+                    piece_query, key, value, summaries, piece, geometry.window, geometry.slots, inv_freq, table, scaling,
+                    out[:, rows],
+                )
+            else:
+                chosen = block_selection(piece_query, summaries, piece, block, geometry, inv_freq)
+                if table is not None:
+                    triton_selective_attention(
+                        piece_query, key, value, chosen, piece, block, geometry.window, table, scaling, out[:, rows]
+                    )
+                else:
+                    fast = kernel == "torch" and block > 1 and key.device == query.device
+                    attend = attend_slot_keys if fast else attend_reference
+                    out_heads[:, :, rows] = attend(
+                        piece_query, key, value, chosen, piece, block, geometry, inv_freq, scaling
+                    )
+            chosen_last = chosen[:, :, -1]
     if cache.trace is not None:
         if module.layer_idx == 0:
             cache.trace.steps.append({})
         cache.trace.num_chunks = -(-kv_len // geometry.window)
         if chosen_last is not None:
-            cache.trace.steps[-1][module.layer_idx] = chosen_last[0].cpu()
+            cache.trace.steps[-1][module.layer_idx] = chosen_last[0].clone()  # to host only when read: no sync per layer
     return out, None

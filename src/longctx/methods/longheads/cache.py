@@ -17,9 +17,9 @@ class GrowingLayer(DynamicLayer):
     GPU: `update` returns the host tensors and the attention moves what it needs to the accelerator.
     """
 
-    def __init__(self, page: int, host: bool = False) -> None:
+    def __init__(self, page: int, host: bool = False, reserve: int = 0) -> None:
         super().__init__()
-        self.page, self.host = page, host
+        self.page, self.host, self.reserve = page, host, reserve
         self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -37,7 +37,7 @@ class GrowingLayer(DynamicLayer):
 
     def _grow(self, states: torch.Tensor, needed: int) -> None:
         old = 0 if self.key_store is None else self.key_store.shape[-2]
-        capacity = -(-max(needed + 1, old + old // 4) // self.page) * self.page
+        capacity = -(-max(needed + 1, old + old // 4, self.reserve) // self.page) * self.page
         device = "cpu" if self.host else states.device
         shape = (*states.shape[:-2], capacity, states.shape[-1])
         stores = []
@@ -107,11 +107,18 @@ class LongHeadsCache(DynamicCache):
     """A `DynamicCache` that also holds LongHeads' chunk summaries, with growing (not concatenating) K/V layers.
 
     Layers of other kinds (a sliding-window layer of a model that mixes layer types) are left as the model made them.
+    `reserve` (tokens) sizes the first allocation, so a sequence fed in pieces is not copied as it grows: with
+    `offload`, freed pinned host buffers stay in torch's host cache, so regrowth would cost host memory too.
     """
 
-    def __init__(self, config, window: int, offload: bool = False, record_selection: bool = False) -> None:
+    def __init__(
+        self, config, window: int, offload: bool = False, record_selection: bool = False, reserve: int = 0
+    ) -> None:
         super().__init__(config=config)
-        self.layers = [GrowingLayer(window, host=offload) if type(layer) is DynamicLayer else layer for layer in self.layers]
+        self.layers = [
+            GrowingLayer(window, host=offload, reserve=reserve) if type(layer) is DynamicLayer else layer
+            for layer in self.layers
+        ]
         self.offload = offload
         self.summaries: dict[int, LayerSummaries] = {}
         self.trace = SelectionTrace() if record_selection else None

@@ -37,7 +37,66 @@ def shift_table(inv_freq: torch.Tensor, window: int, rows: int, device: torch.de
 if triton is not None:
 
     @triton.jit
-    def _selective_attention_kernel(
+    def _attend_chosen(
+        q, q_half, chosen_base, stride_cs, chunk, into_chunk,
+        k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, kv_len,
+        Cos, Sin, stride_table, scale_log2, d, d_ok, freq, rotary,
+        WINDOW: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Online-softmax attention of query rows q [BLOCK_M, BLOCK_D] (float32, RoPE'd at their true positions; q_half
+        is rotate_half(q)) over the K chunks listed at chosen_base, slot by slot: [BLOCK_M, BLOCK_D] float32."""
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        tiles_per_slot: tl.constexpr = (WINDOW + BLOCK_N - 1) // BLOCK_N
+        # one flat loop over every key tile of every slot, so the compiler pipelines loads across slot boundaries
+        for tile in range(SLOTS * tiles_per_slot):
+            slot = tile // tiles_per_slot
+            t = (tile % tiles_per_slot) * BLOCK_N + tl.arange(0, BLOCK_N)
+            c = tl.load(chosen_base + slot * stride_cs)
+            n = chunk - c - (SLOTS - 1 - slot)  # chunks the key moves toward the query, >= 0
+            cos = tl.load(Cos + n * stride_table + freq, mask=rotary, other=1.0)
+            sin = tl.load(Sin + n * stride_table + freq, mask=rotary, other=0.0)
+            # rotate the query back by n * w (scaled for exp2): the same score as moving every key forward
+            q_slot = ((q * cos[None, :] - q_half * sin[None, :]) * scale_log2).to(k_base.dtype.element_ty)
+            key_pos = c * WINDOW + t
+            k_ok = (key_pos < kv_len) & (t < WINDOW)
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + key_pos[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + key_pos[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q_slot, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q_slot, tl.trans(k))
+            # causal only in the last slot, the query's own chunk
+            visible = k_ok[None, :] & ((slot < SLOTS - 1) | (t[None, :] <= into_chunk[:, None]))
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p.to(v_base.dtype.element_ty), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v_base.dtype.element_ty), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        return acc / l_i[:, None]
+
+    @triton.jit
+    def _rope_lanes(HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Half-split RoPE: dim d pairs with d +- R/2 (R rotary dims) with sign -/+; dims past R are not rotated."""
+        d = tl.arange(0, BLOCK_D)
+        first_half = d < ROT_HALF
+        rotary = d < 2 * ROT_HALF
+        partner = tl.where(first_half, d + ROT_HALF, tl.where(rotary, d - ROT_HALF, d))
+        sign = tl.where(first_half, -1.0, tl.where(rotary, 1.0, 0.0))
+        freq = tl.where(first_half, d, d - ROT_HALF)
+        return d, d < HEAD_DIM, rotary, partner, sign, freq
+
+    @triton.jit
+    def _block_kernel(
         Q, K, V, Out, Chosen, Cos, Sin,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -49,75 +108,105 @@ if triton is not None:
         WINDOW: tl.constexpr, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """One program per (query block, batch x query head); the block's chunks were chosen beforehand."""
         query_block = tl.program_id(0)
         batch_head = tl.program_id(1)
         b = batch_head // q_heads
         h = batch_head % q_heads
         kv_h = h // group
-
-        # the block's query rows; a block never straddles chunks (block divides w)
-        first = query_block * block
+        first = query_block * block  # a block never straddles chunks (block divides w)
         rows = tl.arange(0, BLOCK_M)
         row_ok = (rows < block) & (first + rows < q_len)
         chunk = (q_start + first) // WINDOW
-        into_chunk = q_start + first + rows - chunk * WINDOW  # [BLOCK_M]
-
-        # half-split RoPE: dim d pairs with d +- R/2 (R rotary dims); dims past R are not rotated
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        first_half = d < ROT_HALF
-        rotary = d < 2 * ROT_HALF
-        partner = tl.where(first_half, d + ROT_HALF, tl.where(rotary, d - ROT_HALF, d))
-        sign = tl.where(first_half, -1.0, tl.where(rotary, 1.0, 0.0))
-        freq = tl.where(first_half, d, d - ROT_HALF)
+        into_chunk = q_start + first + rows - chunk * WINDOW
+        d, d_ok, rotary, partner, sign, freq = _rope_lanes(HEAD_DIM, ROT_HALF, BLOCK_D)
 
         q_rows = Q + b * stride_qb + h * stride_qh + (first + rows)[:, None] * stride_qm
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_rows + d[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32)
         q_half = tl.load(q_rows + partner[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32) * sign[None, :]
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        keys_in_tile = tl.arange(0, BLOCK_N)
-        k_base = K + b * stride_kb + kv_h * stride_kh
-        v_base = V + b * stride_vb + kv_h * stride_vh
-        chosen_base = Chosen + b * stride_cb + h * stride_ch + query_block * stride_cg
-        for slot in range(SLOTS):
-            c = tl.load(chosen_base + slot * stride_cs)
-            n = chunk - c - (SLOTS - 1 - slot)  # chunks the key moves toward the query, >= 0
-            cos = tl.load(Cos + n * stride_table + freq, mask=rotary, other=1.0)
-            sin = tl.load(Sin + n * stride_table + freq, mask=rotary, other=0.0)
-            # rotate the query back by n * w (scaled for exp2): same score as moving every key forward
-            q_slot = ((q * cos[None, :] - q_half * sin[None, :]) * scale_log2).to(K.dtype.element_ty)
-            for start in range(0, WINDOW, BLOCK_N):
-                t = start + keys_in_tile
-                key_pos = c * WINDOW + t
-                k_ok = (key_pos < kv_len) & (t < WINDOW)
-                kv_mask = k_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_base + key_pos[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-                v = tl.load(v_base + key_pos[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-                if IEEE:
-                    s = tl.dot(q_slot, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q_slot, tl.trans(k))
-                # causal only in the last slot, the query's own chunk
-                visible = k_ok[None, :] & ((slot < SLOTS - 1) | (t[None, :] <= into_chunk[:, None]))
-                s = tl.where(visible, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE:
-                    pv = tl.dot(p.to(V.dtype.element_ty), v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(V.dtype.element_ty), v)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
-
-        out = acc / l_i[:, None]
+        out = _attend_chosen(
+            q, q_half, Chosen + b * stride_cb + h * stride_ch + query_block * stride_cg, stride_cs, chunk, into_chunk,
+            K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd, V + b * stride_vb + kv_h * stride_vh,
+            stride_vn, stride_vd, kv_len, Cos, Sin, stride_table, scale_log2, d, d_ok, freq, rotary,
+            WINDOW, SLOTS, BLOCK_M, BLOCK_N, BLOCK_D, IEEE,
+        )
         out_rows = Out + b * stride_ob + h * stride_oh + (first + rows)[:, None] * stride_om
         tl.store(out_rows + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _token_kernel(
+        Q, K, V, Out, Summaries, Scores, Chosen, InvFreq, Cos, Sin,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_om, stride_oh, stride_od,
+        stride_sb, stride_sh, stride_sc, stride_sd,
+        stride_table,
+        kv_len, q_start, q_heads, group, done, scale_log2,
+        WINDOW: tl.constexpr, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, TILE_C: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Per-token selection and attention in one program per (query, batch x query head): a decoding step is one
+        launch per layer. Chosen [L, B*Hq, K] receives the chunks, Scores [L, B*Hq, BLOCK_C] is scratch."""
+        row = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        lane = row * tl.num_programs(1) + batch_head
+        b = batch_head // q_heads
+        h = batch_head % q_heads
+        kv_h = h // group
+        pos = q_start + row
+        chunk = pos // WINDOW
+        d, d_ok, rotary, partner, sign, freq = _rope_lanes(HEAD_DIM, ROT_HALF, BLOCK_D)
+
+        # selection scores the query WITHOUT RoPE: turn it back by its position (float32 angles, as transformers)
+        q_ptr = Q + b * stride_qb + h * stride_qh + row * stride_qm
+        q = tl.load(q_ptr + d * stride_qd, mask=d_ok, other=0.0).to(tl.float32)
+        q_half = tl.load(q_ptr + partner * stride_qd, mask=d_ok, other=0.0).to(tl.float32) * sign
+        angle = pos.to(tl.float32) * tl.load(InvFreq + freq, mask=rotary, other=0.0)
+        raw = q * tl.cos(angle) - q_half * tl.sin(angle)
+        # q . c for the middle chunks 1..chunk-2, staged through Scores so the whole row becomes one vector
+        score_row = Scores + lane * BLOCK_C
+        for c0 in range(0, BLOCK_C, TILE_C):
+            c_tile = c0 + tl.arange(0, TILE_C)
+            summary = tl.load(
+                Summaries + b * stride_sb + h * stride_sh + c_tile[:, None] * stride_sc + d[None, :] * stride_sd,
+                mask=(c_tile < done)[:, None] & d_ok[None, :], other=0.0,
+            )
+            score = tl.sum(summary * raw[None, :], axis=1)
+            tl.store(score_row + c_tile, tl.where((c_tile >= 1) & (c_tile <= chunk - 2), score, float("-inf")))
+        tl.debug_barrier()
+        c_all = tl.arange(0, BLOCK_C)
+        scores = tl.load(score_row + c_all)
+        picked = c_all < 0
+        for _ in range(SLOTS - 3):  # top (K - 3), one argmax at a time
+            hit = c_all == tl.argmax(scores, axis=0)
+            picked = picked | hit
+            scores = tl.where(hit, float("-inf"), scores)
+        # slots in original order: a picked chunk's slot is the number of picked chunks up to it (1..K-3)
+        order = tl.cumsum(picked.to(tl.int32), axis=0)
+        chosen_row = Chosen + lane * SLOTS
+        tl.store(chosen_row + tl.where(picked, order, 0), c_all, mask=picked)
+        tl.store(chosen_row, 0)
+        tl.store(chosen_row + SLOTS - 2, chunk - 1)
+        tl.store(chosen_row + SLOTS - 1, chunk)
+        tl.debug_barrier()
+
+        # the attention reuses the block path with 16 copies of the query (tl.dot needs 16 rows); row 0 is stored
+        rows = tl.arange(0, 16)
+        q_rows = q_ptr + rows[:, None] * 0
+        q16 = tl.load(q_rows + d[None, :] * stride_qd, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        q16_half = tl.load(q_rows + partner[None, :] * stride_qd, mask=d_ok[None, :], other=0.0).to(tl.float32) * sign[None, :]
+        into_chunk = pos - chunk * WINDOW + rows * 0
+        out = _attend_chosen(
+            q16, q16_half, chosen_row, 1, chunk, into_chunk,
+            K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd, V + b * stride_vb + kv_h * stride_vh,
+            stride_vn, stride_vd, kv_len, Cos, Sin, stride_table, scale_log2, d, d_ok, freq, rotary,
+            WINDOW, SLOTS, 16, BLOCK_N, BLOCK_D, IEEE,
+        )
+        out_rows = Out + b * stride_ob + h * stride_oh + row * stride_om + rows[:, None] * 0
+        tl.store(out_rows + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=(rows == 0)[:, None] & d_ok[None, :])
 
 
 def triton_selective_attention(
@@ -144,7 +233,7 @@ def triton_selective_attention(
     block_m = max(16, triton.next_power_of_2(block))
     block_d = max(16, triton.next_power_of_2(dim))
     grid = (chosen.shape[2], batch * q_heads)
-    _selective_attention_kernel[grid](
+    _block_kernel[grid](
         query, keys, values, out, chosen, cos, sin,
         *query.stride(), *keys.stride(), *values.stride(), *out.stride(), *chosen.stride(), cos.stride(0),
         q_len, keys.shape[2], q_start, q_heads, q_heads // keys.shape[1], block, scaling * 1.4426950408889634,
@@ -153,3 +242,36 @@ def triton_selective_attention(
         IEEE=query.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
+
+
+def triton_token_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    summaries: torch.Tensor,
+    q_start: int,
+    window: int,
+    slots: int,
+    inv_freq: torch.Tensor,
+    table: tuple[torch.Tensor, torch.Tensor],
+    scaling: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token LongHeads (selection and attention fused) for `query` [B, Hq, L, D] at positions q_start.., written
+    into `out` [B, L, Hq, D]. summaries [B, Hq, done, D] float32. Returns the chosen chunks [B, Hq, L, K]."""
+    batch, q_heads, q_len, dim = query.shape
+    done = summaries.shape[2]
+    cos, sin = table
+    block_c = max(16, triton.next_power_of_2(done))
+    scores = torch.empty(q_len, batch * q_heads, block_c, dtype=torch.float32, device=query.device)
+    chosen = torch.empty(q_len, batch * q_heads, slots, dtype=torch.int32, device=query.device)
+    _token_kernel[(q_len, batch * q_heads)](
+        query, keys, values, out, summaries, scores, chosen, inv_freq, cos, sin,
+        *query.stride(), *keys.stride(), *values.stride(), *out.stride(), *summaries.stride(), cos.stride(0),
+        keys.shape[2], q_start, q_heads, q_heads // keys.shape[1], done, scaling * 1.4426950408889634,
+        WINDOW=window, SLOTS=slots, HEAD_DIM=dim, ROT_HALF=cos.shape[1],
+        BLOCK_N=min(64, triton.next_power_of_2(window)), BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_C=block_c, TILE_C=min(block_c, 64), IEEE=query.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return chosen.view(q_len, batch, q_heads, slots).permute(1, 2, 0, 3)
