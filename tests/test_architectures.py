@@ -326,3 +326,13 @@ def test_gemma3_270m_finds_the_passkey_at_2k(gemma3_270m, method):
         assert trace["chosen"].shape[0] == 3  # the three global layers select; the fifteen local ones keep their window
         needle_chunk = task.samples(gemma3_270m.tokenizer)[0].needle_token // 128
         assert (trace["chosen"] == needle_chunk).any(axis=-1).mean() > 0.2
+
+
+@pytest.mark.parametrize("make", [lambda: SlidingWindow(), lambda: lh()], ids=["window", "longheads"])
+def test_attention_features_the_methods_lack_are_refused(make):
+    gemma2 = LoadedModel(
+        transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SHAPE, head_dim=16, attn_logit_softcapping=50.0)),
+        None, "gemma2", PRETRAINED,
+    )
+    with pytest.raises(MethodError, match="softcap"):
+        make().apply(gemma2)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import DynamicLayer
 
-from longctx.methods.rope import LENGTH_DEPENDENT_ROPE, attention_layers
+from longctx.methods.rope import LENGTH_DEPENDENT_ROPE, AttentionLayer, attention_layers
 from longctx.models import LoadedModel
 
 
@@ -92,28 +92,37 @@ class AttentionMethod(Method):
         """The cache this forward call should use, given the one it was called with."""
         return cache
 
-    def apply(self, lm: LoadedModel) -> None:
-        model, model_name = lm.model, type(lm.model).__name__
+    def layers_to_act_on(self, lm: LoadedModel) -> tuple[list[AttentionLayer], list[AttentionLayer]]:
+        """(all attention layers, those this method replaces); MethodError (one line) if it cannot serve the model."""
+        model_name = type(lm.model).__name__
         try:
-            layers = attention_layers(model)
+            layers = attention_layers(lm.model)
         except ValueError as error:
             raise MethodError(f"{self.name}: {error}") from None
         if not layers:
             raise MethodError(f"{self.name} found no attention layers in {model_name}: no module calls transformers' attention interface")
         if any(layer.rotary is None for layer in layers):
             raise MethodError(f"{self.name} needs a RoPE model, but the attention layers of {model_name} get no rotary position embeddings")
+        with_extras = next((layer for layer in layers if layer.extras), None)
+        if with_extras is not None:
+            raise MethodError(f"{self.name} does not implement {', '.join(with_extras.extras)}, which the attention layers of {model_name} use")
         acted = [layer for layer in layers if self.replace_sliding_layers or not layer.is_local(lm.pretrained_length)]
         if not acted:
             raise MethodError(
                 f"{self.name}: every attention layer of {model_name} is a local sliding-window layer"
                 f" (window {layers[0].sliding_window}); set replace_sliding_layers=true to act on them"
             )
-        for layer in acted:
-            if layer.rope_type in LENGTH_DEPENDENT_ROPE:
-                raise MethodError(
-                    f"{self.name} re-rotates cached keys with fixed frequencies, but layer {layer.index} uses"
-                    f" {layer.rope_type} RoPE, whose frequencies change with the length"
-                )
+        changing = next((layer for layer in acted if layer.rope_type in LENGTH_DEPENDENT_ROPE), None)
+        if changing is not None:
+            raise MethodError(
+                f"{self.name} re-rotates cached keys with fixed frequencies, but layer {changing.index} of {model_name}"
+                f" uses {changing.rope_type} RoPE, whose frequencies change with the length"
+            )
+        return layers, acted
+
+    def apply(self, lm: LoadedModel) -> None:
+        model = lm.model
+        layers, acted = self.layers_to_act_on(lm)
         for layer in acted:
             layer.module.longctx_method = self
             layer.module.longctx_inv_freq = layer.inv_freq.clone()
@@ -127,9 +136,9 @@ class AttentionMethod(Method):
         # on the decoder, not the LM wrapper: tasks that call the decoder directly (perplexity) pass through it too
         hook = model.get_decoder().register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._installed = (model.config._attn_implementation, hook, [layer.module for layer in acted])
-        self.local_windows = {
-            layer.index: layer.sliding_window for layer in layers if not hasattr(layer.module, "longctx_method")
-        }
+        acted_indices = {layer.index for layer in acted}
+        # layers left alone (index -> window): a method's cache keeps only their window, as the model's own does
+        self.local_windows = {layer.index: layer.sliding_window for layer in layers if layer.index not in acted_indices}
         self._replaced_sliding = [layer.index for layer in acted if layer.sliding_window is not None]
         model.config._attn_implementation = self.attention_name
 

@@ -23,6 +23,9 @@ PROBE_ATTENTION = "longctx_probe"
 
 # RoPE types whose frequencies change with the sequence length: keys cached earlier were rotated with other ones.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Arguments some layers pass to their attention that change its result: logit soft-capping (Gemma 2), learned sinks
+# (gpt-oss). Methods that replace the attention would silently drop them.
+ATTENTION_EXTRAS = ("softcap", "s_aux")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class AttentionLayer:
     rotary: the rotary embedding module whose cos/sin the layer receives (None: no RoPE, e.g. GPT-2).
     layer_type: the `layer_types` entry the rotary module was called for (Gemma 3: "sliding_attention" /
         "full_attention"), None when the model has one RoPE for all layers.
+    extras: the `ATTENTION_EXTRAS` the layer passes to its attention (not None).
     """
 
     module: torch.nn.Module
@@ -40,6 +44,7 @@ class AttentionLayer:
     sliding_window: int | None
     rotary: torch.nn.Module | None
     layer_type: str | None
+    extras: tuple[str, ...] = ()
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -101,13 +106,15 @@ def attention_layers(model: PreTrainedModel) -> list[AttentionLayer]:
 
     layers = []
     for order, (module, kwargs) in enumerate(calls.items()):
-        rotary, layer_type = None, None
+        rotary, layer_type, positions = None, None, None
         cos_sin = given.get(module)
-        for output, candidate, candidate_type, positions in produced:
+        for output, candidate, candidate_type, candidate_positions in produced:
             if cos_sin is not None and output[0] is cos_sin[0]:
-                rotary, layer_type = candidate, candidate_type
+                rotary, layer_type, positions = candidate, candidate_type, candidate_positions
                 break
-        layer = AttentionLayer(module, getattr(module, "layer_idx", order), kwargs.get("sliding_window"), rotary, layer_type)
+        extras = tuple(name for name in ATTENTION_EXTRAS if kwargs.get(name) is not None)
+        index = getattr(module, "layer_idx", order)
+        layer = AttentionLayer(module, index, kwargs.get("sliding_window"), rotary, layer_type, extras)
         if rotary is not None:
             _check_half_split(layer, cos_sin, positions)
         layers.append(layer)
