@@ -328,11 +328,18 @@ def test_gemma3_270m_finds_the_passkey_at_2k(gemma3_270m, method):
         assert (trace["chosen"] == needle_chunk).any(axis=-1).mean() > 0.2
 
 
+UNSUPPORTED = {
+    "softcap": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SHAPE, head_dim=16, attn_logit_softcapping=50.0)),
+    "half-split": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**SHAPE)),  # interleaved RoPE
+}
+
+
 @pytest.mark.parametrize("make", [lambda: SlidingWindow(), lambda: lh()], ids=["window", "longheads"])
-def test_attention_features_the_methods_lack_are_refused(make):
-    gemma2 = LoadedModel(
-        transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SHAPE, head_dim=16, attn_logit_softcapping=50.0)),
-        None, "gemma2", PRETRAINED,
-    )
-    with pytest.raises(MethodError, match="softcap"):
-        make().apply(gemma2)
+@pytest.mark.parametrize("feature", list(UNSUPPORTED))
+def test_attention_features_the_methods_lack_are_refused(make, feature):
+    """Gemma 2's logit soft-capping, Cohere's interleaved RoPE: refused, not silently computed wrong."""
+    lm = LoadedModel(UNSUPPORTED[feature]().eval(), None, feature, PRETRAINED)
+    implementation = lm.model.config._attn_implementation
+    with pytest.raises(MethodError, match=feature):
+        make().apply(lm)
+    assert lm.model.config._attn_implementation == implementation
