@@ -6,9 +6,9 @@
 # runs out of memory at 128k (transformers builds an O(length^2) mask for the local sliding-window layers), the
 # shorter cells are already written and the other methods still run.
 #   bash experiments/gemma3_passkey.sh    # set LONGCTX_CACHE=<dir holding gemma-3-270m/> where the package is absent
+#   METHODS="ntk full" bash experiments/gemma3_passkey.sh    # a subset, e.g. to stay inside a time limit per command
 set -uo pipefail
 common="model=gemma3 logger=${LOGGER:-none} seed=1 task.num_samples=${SAMPLES:-10}"
-lengths="[32768],[65536],[131072]"
-python run.py -m $common method=longheads task.lengths=$lengths
-python run.py -m $common method=ntk task.lengths=$lengths
-python run.py -m $common method=full task.lengths=$lengths
+for method in ${METHODS:-longheads ntk full}; do
+  python run.py -m $common method=$method task.lengths=[32768],[65536],[131072]
+done
