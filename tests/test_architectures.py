@@ -29,6 +29,7 @@ SHAPE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=PRETRAINED, initializer_range=0.2,  # large enough to move logits
 )
+ABSENT = object()  # a SHAPE key the family's config does not take
 GEMMA_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -36,7 +37,7 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # q/k norms
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),  # v0.2+: no sliding window
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused qkv_proj
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.25, "num_key_value_heads": None}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.25, "num_key_value_heads": ABSENT}),
     "gemma3": (
         "Gemma3TextConfig", "Gemma3ForCausalLM",
         {
@@ -52,8 +53,7 @@ FAMILIES = {
 
 def build(family: str, **overrides) -> LoadedModel:
     config_class, model_class, settings = FAMILIES[family]
-    settings = {**SHAPE, **settings, **overrides}
-    settings = {key: value for key, value in settings.items() if value is not None or key == "sliding_window"}
+    settings = {key: value for key, value in {**SHAPE, **settings, **overrides}.items() if value is not ABSENT}
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**settings)
     model = getattr(transformers, model_class)(config).eval()
