@@ -35,3 +35,11 @@ def smollm2() -> LoadedModel:
     from longctx.models import load_model
 
     return load_model(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m() -> LoadedModel:
+    """The embedded Gemma 3 270M (real weights), loaded once per session on CPU."""
+    from longctx.models import load_model
+
+    return load_model("embedded:gemma3", device="cpu", dtype="float32")

@@ -52,7 +52,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
         raise TaskError(f"passkey depth {depth} is outside [0, 1]")
 
     def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
+        # with the tokenizer's own special tokens, as the model reads the prompt (Gemma's <bos>; SmolLM2 adds none)
+        return len(tokenizer(text).input_ids)
 
     needle = NEEDLE.format(key=key)
     fixed = count(INSTRUCTION + needle + QUESTION)
@@ -126,7 +127,7 @@ class Passkey(Task):
         prompts = self.samples(lm.tokenizer)
         on_cuda = lm.device.type == "cuda"
         for index, prompt in enumerate(tqdm(prompts, desc="passkey", unit="sample")):
-            input_ids = lm.tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False).input_ids.to(lm.device)
+            input_ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids.to(lm.device)
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(lm.device)
                 torch.cuda.synchronize(lm.device)

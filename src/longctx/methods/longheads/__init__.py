@@ -14,7 +14,6 @@ from longctx.methods.base import AttentionMethod, Method, MethodError
 from longctx.methods.longheads.attention import KERNELS, Geometry, longheads_attention
 from longctx.methods.longheads.cache import LongHeadsCache
 from longctx.methods.longheads.triton_kernel import shift_table
-from longctx.methods.rope import rope_inv_freq
 from longctx.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -102,11 +101,11 @@ class LongHeads(AttentionMethod):
         if self._rope() is not None:
             self._rope().apply(lm)
         try:
-            inv_freq = rope_inv_freq(lm.model)
-        except ValueError as error:
-            raise MethodError(f"longheads needs a RoPE model: {error}") from None
-        self.inv_freq = inv_freq.detach().clone().float()
-        super().apply(lm)
+            super().apply(lm)  # sets each layer's RoPE frequencies as module.longctx_inv_freq
+        except MethodError:
+            if self._rope() is not None:
+                self._rope().remove(lm)
+            raise
 
     def remove(self, lm: LoadedModel) -> None:
         super().remove(lm)

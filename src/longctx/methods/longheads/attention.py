@@ -309,7 +309,7 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
     method = module.longctx_method
     cache: LongHeadsCache = method.active_cache
     geometry: Geometry = method.geometry
-    inv_freq = method.inv_freq
+    inv_freq = module.longctx_inv_freq  # this layer's RoPE (layer types may differ, e.g. Gemma 3)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, q_heads, q_len, dim = query.shape
     kv_len = key.shape[2]
@@ -357,9 +357,9 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
                     )
             chosen_last = chosen[:, :, -1]
     if cache.trace is not None:
-        if module.layer_idx == 0:
-            cache.trace.steps.append({})
         cache.trace.num_chunks = -(-kv_len // geometry.window)
         if chosen_last is not None:
+            if not cache.trace.steps or module.layer_idx in cache.trace.steps[-1]:  # a new forward call
+                cache.trace.steps.append({})  # (not keyed on layer 0: on Gemma 3 the first layers are local, left alone)
             cache.trace.steps[-1][module.layer_idx] = chosen_last[0].clone()  # to host only when read: no sync per layer
     return out, None
