@@ -7,7 +7,7 @@ same values. Experiments (conf/experiment/) hold only overrides.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
@@ -45,7 +45,7 @@ def _build(kind: str, registry: dict[str, type[T]], name: str, params: dict[str,
     if name not in registry:
         raise RegistryError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
     cls = registry[name]
-    valid = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    valid = {f.name for f in parameters(cls)}
     unknown = sorted(set(params) - valid)
     if unknown:
         raise RegistryError(f"{kind} {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -62,11 +62,16 @@ def build_task(name: str, **params: Any) -> Task:
     return _build("task", TASKS, name, params)
 
 
+def parameters(cls: type) -> list[Field]:
+    """The fields a user sets (the constructor's), not the private state a method keeps (`_saved`...)."""
+    return [field for field in fields(cls) if field.init and not field.name.startswith("_")]
+
+
 def default_config(name: str, cls: type) -> dict[str, Any]:
     """The config-group entry of a method or task: its name and every field's default. A task's `seed` follows the
     run's top-level `seed`."""
     config: dict[str, Any] = {"name": name}
-    for field in fields(cls):
+    for field in parameters(cls):
         if field.default is not MISSING:
             default = field.default
         elif field.default_factory is not MISSING:

@@ -47,6 +47,11 @@ class SweepReport(Callback):
         skipped = sum(cell["status"] == "skipped" for cell in cells)
         print(f"sweep {config.hydra.sweep.dir}: {done} finished, {skipped} skipped, {len(bad)} failed or incomplete")
         if bad:
-            listed = "; ".join(f"[{' '.join(cell['overrides'])}] {cell['error'] or cell['status']}" for cell in bad)
+            # name each failed cell by what sets it apart: the overrides not shared by every cell of the sweep
+            shared = set.intersection(*(set(cell["overrides"]) for cell in cells)) if len(cells) > 1 else set()
+            listed = "; ".join(
+                f"[{' '.join(o for o in cell['overrides'] if o not in shared)}] {cell['error'] or cell['status']}"
+                for cell in bad
+            )
             print(f"error: {len(bad)} of {len(cells)} cells failed: {listed}", file=sys.stderr)
             sys.exit(1)

@@ -71,6 +71,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
         "cpu_count": os.cpu_count(),
         "host": platform.node(),
+        "pid": os.getpid(),
+        "source": "measured",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
