@@ -210,6 +210,7 @@ def test_sweep_with_a_failing_cell_finishes_the_others_and_reports_it(tiny_dir, 
     assert len(aggregate.load_runs(tmp_path / "results")) == 1
 
 
+@pytest.mark.slow  # two fresh Python processes import torch and transformers: about a minute on 2 cores
 def test_submitit_local_multirun_runs_every_cell_in_its_own_process(tiny_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     result = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
