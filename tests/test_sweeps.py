@@ -262,7 +262,7 @@ def test_notebook_executes_on_run_folders(tmp_path, tiny_dir, monkeypatch):
     longheads = [f"method.{key}={value}" for key, value in TINY_LONGHEADS.items()]
     for method, params in (("full", []), ("window", ["method.window_size=64"]), ("longheads", longheads)):
         for task in ("passkey", "pg19"):
-            cfg = compose_cell(["model=hf", f"task={task}", f"method={method}", *params, *tiny_overrides({}, tiny_dir, task)], results)
+            cfg = compose_cell(["model=hf", f"task={task}", f"method={method}", "seed=1", *params, *tiny_overrides({}, tiny_dir, task)], results)
             run_from_config(cfg)
     notebook = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
     monkeypatch.setenv("LONGCTX_RESULTS", str(results))  # the kernel inherits it: the notebook reads these runs
