@@ -28,7 +28,7 @@ from longctx.models import embedded_model_dir
 from longctx.runner import evaluate, run_from_config
 from longctx.sweep import read_cells
 from longctx.tasks.base import Task, TaskError
-from longctx.tracking import read_provenance
+from longctx.tracking import RunRecorder, read_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -256,6 +256,7 @@ def test_aggregation_keeps_machines_apart(tmp_path):
     assert merged.loc["full", 4096] == "0.5 cpu float32"
 
 
+@pytest.mark.slow  # a Jupyter kernel starts and imports the stack: about 30 s on 2 cores
 def test_notebook_executes_on_run_folders(tmp_path, tiny_dir, monkeypatch):
     nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
     results = tmp_path / "results"
@@ -275,3 +276,19 @@ def test_notebook_executes_on_run_folders(tmp_path, tiny_dir, monkeypatch):
     assert images >= 3, images  # passkey curves, PG19 curves, a chunk-selection heatmap
     text = "".join(str(output.get("data", {}).get("text/plain", "")) + output.get("text", "") for output in outputs)
     assert "longheads" in text and "cpu" in text and "float32" in text  # tables name the machine of each row
+
+
+def test_wandb_run_is_grouped_flat_and_marked_failed(tmp_path, monkeypatch):
+    for variable in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = {"model": {"name": "tiny"}, "method": {"name": "full"}, "task": {"name": "passkey", "lengths": [256]}}
+    environment = {"device": "cpu", "dtype": "float32", "gpu": None}
+    recorder = RunRecorder(tmp_path / "run", config, environment, wandb_mode="offline", wandb_dir=tmp_path,
+                           wandb_group="sweep-1")
+    run = recorder.wandb_run
+    assert run.group == "sweep-1"
+    assert run.config["method.name"] == "full" and run.config["task.lengths"] == [256] and run.config["device"] == "cpu"
+    recorder.fail(KeyboardInterrupt())
+    assert run._exit_code == 1  # the dashboard shows the run as failed, not finished
+    assert read_provenance(tmp_path / "run")["status"] == "failed"
