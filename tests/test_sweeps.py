@@ -292,3 +292,15 @@ def test_wandb_run_is_grouped_flat_and_marked_failed(tmp_path, monkeypatch):
     recorder.fail(KeyboardInterrupt())
     assert run._exit_code == 1  # the dashboard shows the run as failed, not finished
     assert read_provenance(tmp_path / "run")["status"] == "failed"
+
+
+@pytest.mark.parametrize("launcher, plugin, settings", [
+    ("slurm_gpu", "hydra_plugins.hydra_submitit_launcher", {"gpus_per_node": 1, "timeout_min": 120}),
+    ("local_parallel", "hydra_plugins.hydra_joblib_launcher", {"n_jobs": 2}),
+])
+def test_launcher_configs_compose_on_their_plugins(launcher, plugin, settings):
+    pytest.importorskip(plugin)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith(plugin)
+    assert {key: cfg.hydra.launcher[key] for key in settings} == settings
