@@ -102,6 +102,13 @@ class Passkey(Task):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # the whole config is checked here, before a model, a run folder or a wandb run exists
+        if not self.lengths or min(self.lengths) < 1:
+            raise TaskError(f"task.lengths must be a non-empty list of positive token counts, got {list(self.lengths)}")
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise TaskError(f"task.num_samples and task.max_new_tokens must be >= 1, got {self.num_samples}, {self.max_new_tokens}")
+        if self.depths is not None and not all(0.0 <= depth <= 1.0 for depth in self.depths):
+            raise TaskError(f"task.depths must lie in [0, 1], got {list(self.depths)}")
         self._records: list[dict[str, Any]] = []
 
     def max_length(self) -> int:
