@@ -9,7 +9,13 @@ import torch
 from conftest import tiny_llama
 from longctx.methods.longheads import LongHeads
 from longctx.methods.longheads.attention import Geometry, attend_reference, attend_slot_keys, block_selection
-from longctx.methods.longheads.triton_kernel import shift_table, triton, triton_selective_attention, triton_token_attention
+from longctx.methods.longheads.triton_kernel import (
+    shift_table,
+    triton,
+    triton_block_selection,
+    triton_selective_attention,
+    triton_token_attention,
+)
 
 needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
 on_gpu = torch.cuda.is_available()
@@ -106,6 +112,19 @@ def test_triton_token_kernel_selects_and_attends_like_reference(params, dtype):
     same = (chosen.long() == expected_chosen).all(dim=-1)  # [1, Hq, L]
     error = (out.transpose(1, 2).float() - expected).abs().amax(dim=-1)[same].max().item()
     assert error < {torch.float32: 2e-4, torch.bfloat16: 3e-2}[dtype], error
+
+
+@needs_triton
+@pytest.mark.parametrize("params", [p for p in CASES if p["block"] > 1], ids=lambda p: f"w{p['window']}b{p['block']}")
+def test_triton_block_selection_matches_torch_selection(params):
+    params = dict(params)
+    block, rotary_half = params.pop("block"), params.pop("rotary_half", None)
+    query, keys, _, _, q_start, geometry, inv_freq = case(**params, block=block, rotary_half=rotary_half)
+    done = keys.shape[2] // geometry.window
+    summaries = torch.randn(1, query.shape[1], done, query.shape[3], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    expected = block_selection(query, summaries, q_start, block, geometry, inv_freq)
+    got = triton_block_selection(query, summaries, q_start, block, geometry.window, geometry.slots, inv_freq)
+    assert torch.equal(got.long(), expected)
 
 
 @pytest.mark.parametrize("params", [p for p in CASES if p["block"] > 1], ids=lambda p: f"w{p['window']}b{p['block']}")

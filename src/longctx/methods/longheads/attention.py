@@ -28,7 +28,12 @@ import torch.nn.functional as F
 
 from longctx.methods.base import causal_attention
 from longctx.methods.longheads.cache import LayerSummaries, LongHeadsCache
-from longctx.methods.longheads.triton_kernel import triton_available, triton_selective_attention, triton_token_attention
+from longctx.methods.longheads.triton_kernel import (
+    triton_available,
+    triton_block_selection,
+    triton_selective_attention,
+    triton_token_attention,
+)
 from longctx.methods.rope import rotate
 
 KERNELS = ("auto", "triton", "torch", "reference")
@@ -37,7 +42,7 @@ TORCH_WORKING_SET = 2**22
 # float32 queries summarised at once (elements): bounds the summaries' transient memory in long prefills
 SUMMARY_WORKING_SET = 2**23
 # queries selected and attended at once: bounds the float32 selection state of a long prefill
-QUERY_PIECE = 8192
+QUERY_PIECE = 32768
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,8 @@ def extend_summaries(
     if new_summaries:
         previous = [] if state.keys is None else [state.keys]
         state.keys = torch.cat(previous + new_summaries, dim=2)
-    state.open_queries = pending[:, :, (complete - done) * window :]
+    # a copy: a view would keep this forward call's whole query tensor alive in every layer's state
+    state.open_queries = pending[:, :, (complete - done) * window :].clone()
 
 
 def select_chunks(
@@ -343,18 +349,18 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
                     piece_query, key, value, summaries, piece, geometry.window, geometry.slots, inv_freq, table, scaling,
                     out[:, rows],
                 )
+            elif table is not None:
+                chosen = triton_block_selection(
+                    piece_query, summaries, piece, block, geometry.window, geometry.slots, inv_freq
+                )
+                triton_selective_attention(
+                    piece_query, key, value, chosen, piece, block, geometry.window, table, scaling, out[:, rows]
+                )
             else:
                 chosen = block_selection(piece_query, summaries, piece, block, geometry, inv_freq)
-                if table is not None:
-                    triton_selective_attention(
-                        piece_query, key, value, chosen, piece, block, geometry.window, table, scaling, out[:, rows]
-                    )
-                else:
-                    fast = kernel == "torch" and block > 1 and key.device == query.device
-                    attend = attend_slot_keys if fast else attend_reference
-                    out_heads[:, :, rows] = attend(
-                        piece_query, key, value, chosen, piece, block, geometry, inv_freq, scaling
-                    )
+                fast = kernel == "torch" and block > 1 and key.device == query.device
+                attend = attend_slot_keys if fast else attend_reference
+                out_heads[:, :, rows] = attend(piece_query, key, value, chosen, piece, block, geometry, inv_freq, scaling)
             chosen_last = chosen[:, :, -1]
     if cache.trace is not None:
         cache.trace.num_chunks = -(-kv_len // geometry.window)

@@ -44,44 +44,44 @@ if triton is not None:
         WINDOW: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """Online-softmax attention of query rows q [BLOCK_M, BLOCK_D] (float32, RoPE'd at their true positions; q_half
-        is rotate_half(q)) over the K chunks listed at chosen_base, slot by slot: [BLOCK_M, BLOCK_D] float32."""
+        """Online-softmax attention of query rows q [BLOCK_M, BLOCK_D] (RoPE'd at their true positions, kept in the model's
+        dtype to spare registers; q_half is rotate_half(q)) over the K chunks listed at chosen_base: [BLOCK_M, BLOCK_D]
+        float32. The query is turned once per slot, then streams the slot's keys tile by tile."""
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        tiles_per_slot: tl.constexpr = (WINDOW + BLOCK_N - 1) // BLOCK_N
-        # one flat loop over every key tile of every slot, so the compiler pipelines loads across slot boundaries
-        for tile in range(SLOTS * tiles_per_slot):
-            slot = tile // tiles_per_slot
-            t = (tile % tiles_per_slot) * BLOCK_N + tl.arange(0, BLOCK_N)
+        for slot in range(SLOTS):
             c = tl.load(chosen_base + slot * stride_cs)
             n = chunk - c - (SLOTS - 1 - slot)  # chunks the key moves toward the query, >= 0
             cos = tl.load(Cos + n * stride_table + freq, mask=rotary, other=1.0)
             sin = tl.load(Sin + n * stride_table + freq, mask=rotary, other=0.0)
             # rotate the query back by n * w (scaled for exp2): the same score as moving every key forward
-            q_slot = ((q * cos[None, :] - q_half * sin[None, :]) * scale_log2).to(k_base.dtype.element_ty)
-            key_pos = c * WINDOW + t
-            k_ok = (key_pos < kv_len) & (t < WINDOW)
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + key_pos[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + key_pos[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q_slot, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q_slot, tl.trans(k))
-            # causal only in the last slot, the query's own chunk
-            visible = k_ok[None, :] & ((slot < SLOTS - 1) | (t[None, :] <= into_chunk[:, None]))
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p.to(v_base.dtype.element_ty), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v_base.dtype.element_ty), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            q_slot = ((q.to(tl.float32) * cos[None, :] - q_half.to(tl.float32) * sin[None, :]) * scale_log2)
+            q_slot = q_slot.to(k_base.dtype.element_ty)
+            for start in range(0, WINDOW, BLOCK_N):
+                t = start + tl.arange(0, BLOCK_N)
+                key_pos = c * WINDOW + t
+                k_ok = (key_pos < kv_len) & (t < WINDOW)
+                kv_mask = k_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + key_pos[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + key_pos[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                if IEEE:
+                    s = tl.dot(q_slot, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q_slot, tl.trans(k))
+                # causal only in the last slot, the query's own chunk
+                visible = k_ok[None, :] & ((slot < SLOTS - 1) | (t[None, :] <= into_chunk[:, None]))
+                s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if IEEE:
+                    pv = tl.dot(p.to(v_base.dtype.element_ty), v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v_base.dtype.element_ty), v)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
         return acc / l_i[:, None]
 
     @triton.jit
@@ -94,6 +94,68 @@ if triton is not None:
         sign = tl.where(first_half, -1.0, tl.where(rotary, 1.0, 0.0))
         freq = tl.where(first_half, d, d - ROT_HALF)
         return d, d < HEAD_DIM, rotary, partner, sign, freq
+
+    @triton.jit
+    def _select(
+        raw, summaries, stride_sc, stride_sd, score_row, chosen_row, chunk, done, d, d_ok,
+        SLOTS: tl.constexpr, BLOCK_C: tl.constexpr, TILE_C: tl.constexpr,
+    ):
+        """Write the K chunks for the un-rotated query `raw` [BLOCK_D] (float32) to chosen_row: first, the top (K - 3)
+        middle chunks 1..chunk-2 by raw . c in original order, previous, current. score_row: BLOCK_C floats of scratch
+        through which the scores, computed tile by tile, become one vector."""
+        for c0 in range(0, BLOCK_C, TILE_C):
+            c_tile = c0 + tl.arange(0, TILE_C)
+            summary = tl.load(
+                summaries + c_tile[:, None] * stride_sc + d[None, :] * stride_sd,
+                mask=(c_tile < done)[:, None] & d_ok[None, :], other=0.0,
+            )
+            score = tl.sum(summary * raw[None, :], axis=1)
+            tl.store(score_row + c_tile, tl.where((c_tile >= 1) & (c_tile <= chunk - 2), score, float("-inf")))
+        tl.debug_barrier()
+        c_all = tl.arange(0, BLOCK_C)
+        scores = tl.load(score_row + c_all)
+        picked = c_all < 0
+        for _ in range(SLOTS - 3):  # top (K - 3), one argmax at a time
+            hit = c_all == tl.argmax(scores, axis=0)
+            picked = picked | hit
+            scores = tl.where(hit, float("-inf"), scores)
+        # slots in original order: a picked chunk's slot is the number of picked chunks up to it (1..K-3)
+        order = tl.cumsum(picked.to(tl.int32), axis=0)
+        tl.store(chosen_row + tl.where(picked, order, 0), c_all, mask=picked)
+        tl.store(chosen_row, 0)
+        tl.store(chosen_row + SLOTS - 2, chunk - 1)
+        tl.store(chosen_row + SLOTS - 1, chunk)
+
+    @triton.jit
+    def _select_block_kernel(
+        Q, Summaries, Scores, Chosen, InvFreq,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_sb, stride_sh, stride_sc, stride_sd,
+        q_len, q_start, q_heads, block, done,
+        WINDOW: tl.constexpr, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, TILE_C: tl.constexpr,
+    ):
+        """Block selection, one program per (query block, batch x query head): the block's score is the mean of its
+        queries' scores, i.e. the mean un-rotated query against each summary. Chosen [B*Hq, blocks, K]."""
+        query_block = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        b = batch_head // q_heads
+        h = batch_head % q_heads
+        first = query_block * block
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = (rows < block) & (first + rows < q_len)
+        d, d_ok, rotary, partner, sign, freq = _rope_lanes(HEAD_DIM, ROT_HALF, BLOCK_D)
+        q_rows = Q + b * stride_qb + h * stride_qh + (first + rows)[:, None] * stride_qm
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_rows + d[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32)
+        q_half = tl.load(q_rows + partner[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32) * sign[None, :]
+        # selection uses queries WITHOUT RoPE: turn each back by its position (float32 angles, as transformers)
+        angle = (q_start + first + rows).to(tl.float32)[:, None] * tl.load(InvFreq + freq, mask=rotary, other=0.0)[None, :]
+        raw = tl.sum(tl.where(q_mask, q * tl.cos(angle) - q_half * tl.sin(angle), 0.0), axis=0)
+        raw = raw / tl.sum(row_ok.to(tl.float32), axis=0)
+        lane = batch_head * tl.num_programs(0) + query_block
+        _select(raw, Summaries + b * stride_sb + h * stride_sh, stride_sc, stride_sd, Scores + lane * BLOCK_C,
+                Chosen + lane * SLOTS, (q_start + first) // WINDOW, done, d, d_ok, SLOTS, BLOCK_C, TILE_C)
 
     @triton.jit
     def _block_kernel(
@@ -123,8 +185,8 @@ if triton is not None:
 
         q_rows = Q + b * stride_qb + h * stride_qh + (first + rows)[:, None] * stride_qm
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_rows + d[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32)
-        q_half = tl.load(q_rows + partner[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32) * sign[None, :]
+        q = tl.load(q_rows + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        q_half = tl.load(q_rows + partner[None, :] * stride_qd, mask=q_mask, other=0.0) * sign[None, :].to(q.dtype)
         out = _attend_chosen(
             q, q_half, Chosen + b * stride_cb + h * stride_ch + query_block * stride_cg, stride_cs, chunk, into_chunk,
             K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd, V + b * stride_vb + kv_h * stride_vh,
@@ -166,31 +228,9 @@ if triton is not None:
         q_half = tl.load(q_ptr + partner * stride_qd, mask=d_ok, other=0.0).to(tl.float32) * sign
         angle = pos.to(tl.float32) * tl.load(InvFreq + freq, mask=rotary, other=0.0)
         raw = q * tl.cos(angle) - q_half * tl.sin(angle)
-        # q . c for the middle chunks 1..chunk-2, staged through Scores so the whole row becomes one vector
-        score_row = Scores + lane * BLOCK_C
-        for c0 in range(0, BLOCK_C, TILE_C):
-            c_tile = c0 + tl.arange(0, TILE_C)
-            summary = tl.load(
-                Summaries + b * stride_sb + h * stride_sh + c_tile[:, None] * stride_sc + d[None, :] * stride_sd,
-                mask=(c_tile < done)[:, None] & d_ok[None, :], other=0.0,
-            )
-            score = tl.sum(summary * raw[None, :], axis=1)
-            tl.store(score_row + c_tile, tl.where((c_tile >= 1) & (c_tile <= chunk - 2), score, float("-inf")))
-        tl.debug_barrier()
-        c_all = tl.arange(0, BLOCK_C)
-        scores = tl.load(score_row + c_all)
-        picked = c_all < 0
-        for _ in range(SLOTS - 3):  # top (K - 3), one argmax at a time
-            hit = c_all == tl.argmax(scores, axis=0)
-            picked = picked | hit
-            scores = tl.where(hit, float("-inf"), scores)
-        # slots in original order: a picked chunk's slot is the number of picked chunks up to it (1..K-3)
-        order = tl.cumsum(picked.to(tl.int32), axis=0)
         chosen_row = Chosen + lane * SLOTS
-        tl.store(chosen_row + tl.where(picked, order, 0), c_all, mask=picked)
-        tl.store(chosen_row, 0)
-        tl.store(chosen_row + SLOTS - 2, chunk - 1)
-        tl.store(chosen_row + SLOTS - 1, chunk)
+        _select(raw, Summaries + b * stride_sb + h * stride_sh, stride_sc, stride_sd, Scores + lane * BLOCK_C,
+                chosen_row, chunk, done, d, d_ok, SLOTS, BLOCK_C, TILE_C)
         tl.debug_barrier()
 
         # the attention reuses the block path with 16 copies of the query (tl.dot needs 16 rows); row 0 is stored
@@ -207,6 +247,26 @@ if triton is not None:
         )
         out_rows = Out + b * stride_ob + h * stride_oh + row * stride_om + rows[:, None] * 0
         tl.store(out_rows + d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=(rows == 0)[:, None] & d_ok[None, :])
+
+
+def triton_block_selection(
+    query: torch.Tensor, summaries: torch.Tensor, q_start: int, block: int, window: int, slots: int, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """Chunks for each block of `block` queries [B, Hq, L, D] at positions q_start..: [B, Hq, blocks, K] int32, as
+    attention.block_selection computes them (summaries [B, Hq, done, D] float32)."""
+    batch, q_heads, q_len, dim = query.shape
+    blocks, done = -(-q_len // block), summaries.shape[2]
+    block_c = max(16, triton.next_power_of_2(done))
+    scores = torch.empty(batch * q_heads * blocks, block_c, dtype=torch.float32, device=query.device)
+    chosen = torch.empty(batch, q_heads, blocks, slots, dtype=torch.int32, device=query.device)
+    _select_block_kernel[(blocks, batch * q_heads)](
+        query, summaries, scores, chosen, inv_freq, *query.stride(), *summaries.stride(),
+        q_len, q_start, q_heads, block, done,
+        WINDOW=window, SLOTS=slots, HEAD_DIM=dim, ROT_HALF=inv_freq.numel(),
+        BLOCK_M=triton.next_power_of_2(block), BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_C=block_c, TILE_C=min(block_c, 64), num_warps=4,
+    )
+    return chosen
 
 
 def triton_selective_attention(
@@ -240,7 +300,7 @@ def triton_selective_attention(
         WINDOW=window, SLOTS=slots, HEAD_DIM=dim, ROT_HALF=cos.shape[1],
         BLOCK_M=block_m, BLOCK_N=min(64, triton.next_power_of_2(window)), BLOCK_D=block_d,
         IEEE=query.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=8 if block_d >= 128 else 4, num_stages=2,
     )
 
 
