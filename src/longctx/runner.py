@@ -35,8 +35,8 @@ def evaluate(
 
     This is the whole runner; the CLI only builds its arguments from the Hydra config.
     """
+    task.check(lm)  # bad input fails here, before a run folder or a wandb run exists; may settle task.max_length()
     method.check_length(lm, task.max_length())
-    task.check(lm)  # bad input fails here, before a run folder or a wandb run exists
     recorder = None
     if out_dir is not None:
         recorder = RunRecorder(

@@ -63,6 +63,7 @@ class RunRecorder:
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for name, table in tables.items():
             table.to_csv(self.out_dir / f"{name}.csv", index=False)
+            (self.out_dir / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
         for name, figure in figures.items():
             self.log_figure(name, figure)
         self._predictions.close()
