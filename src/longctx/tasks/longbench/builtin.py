@@ -203,16 +203,21 @@ class SuiteBuilder:
         # Token counts do not add up exactly (numbers grow to three digits, merges across boundaries): measure the
         # whole prompt and correct, first the piece's size, then whole paragraphs when the piece cannot absorb it.
         ids, context, span, before = assemble()
-        for _ in range(64):
+        for _ in range(16):
             gap = length - len(ids)
-            if gap < 0 and keep > 0:
-                keep = max(0, keep + gap)
-            elif gap < 0:
-                distractors.pop()
+            if gap < 0 and keep + gap >= 0:
+                keep += gap
+            elif gap < 0:  # the piece cannot absorb it: drop whole paragraphs worth the rest, refill with the piece
+                gap += keep
+                while gap < 0 and distractors:
+                    gap += cost(distractors.pop())
+                keep = min(len(piece_tokens), gap)
             elif gap > 0 and keep < len(piece_tokens):
                 keep = min(len(piece_tokens), keep + gap)
-            elif gap > cost(fresh_candidate := next_unit(distractors)):
-                distractors.append(fresh_candidate)
+            elif gap > 0:  # the piece is whole: it becomes an ordinary paragraph and the head of a new one fills on
+                distractors.append(piece_source)
+                piece_source, keep = fresh(), 0
+                piece_tokens = self.tokens(piece_source.text)
             else:
                 break
             ids, context, span, before = assemble()

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 HUB_V1 = "zai-org/LongBench"  # formerly THUDM/LongBench: data.zip holds data/<dataset>.jsonl
 HUB_V2 = "zai-org/LongBench-v2"  # data.json
 CACHE_DIR = DEFAULT_CACHE_DIR / "longbench"
-OFFLINE_HINT = "on a machine without the hub use task.source=folder task.path=<folder of the release's jsonl files>"
+OFFLINE_HINT = "without the hub use task.source=folder task.path=<folder of the release's jsonl files> or task.source=builtin"
+OFFLINE_HINT_V2 = "without the hub use task.source=folder task.path=<LongBench v2's data.json>"
 
 V1_REQUIRED = ("input", "context", "answers")
 V2_REQUIRED = ("question", "choice_A", "choice_B", "choice_C", "choice_D", "answer", "context")
@@ -74,7 +75,7 @@ def check_v1_record(item: dict[str, Any], dataset: str, where: str) -> dict[str,
 def folder_datasets(folder: Path) -> dict[str, Path]:
     """Dataset name (file stem) -> jsonl file, for every .jsonl in `folder` (or in its data/ subfolder, as unzipped)."""
     if not folder.is_dir():
-        raise TaskError(f"LongBench folder {folder} does not exist; {OFFLINE_HINT}")
+        raise TaskError(f"LongBench folder {folder} does not exist")
     files = sorted(folder.glob("*.jsonl")) or sorted(folder.glob("data/*.jsonl"))
     if not files:
         raise TaskError(f"no .jsonl files in {folder}: expected the release's <dataset>.jsonl files (e.g. hotpotqa.jsonl)")
@@ -100,20 +101,20 @@ def hub_v1_folder(repo: str | None) -> Path:
     repo = repo or HUB_V1
     target = CACHE_DIR / repo.replace("/", "--")
     if not any(target.glob("data/*.jsonl")):
-        archive = _hub_download(repo, "data.zip")
+        archive = _hub_download(repo, "data.zip", OFFLINE_HINT)
         with zipfile.ZipFile(archive) as zipped:
             zipped.extractall(target)
     return target
 
 
-def _hub_download(repo: str, filename: str) -> Path:
+def _hub_download(repo: str, filename: str, hint: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset"))
     except Exception as error:  # offline, unknown repo, no such file: all say the same to the user
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TaskError(f"cannot fetch {filename} of dataset {repo} from the hub ({first}); {OFFLINE_HINT}") from None
+        raise TaskError(f"cannot fetch {filename} of dataset {repo} from the hub ({first}); {hint}") from None
 
 
 def check_v2_record(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -159,4 +160,4 @@ def read_v2(path: Path, num_questions: int | None) -> list[dict[str, Any]]:
 
 
 def hub_v2_file(repo: str | None) -> Path:
-    return _hub_download(repo or HUB_V2, "data.json")
+    return _hub_download(repo or HUB_V2, "data.json", OFFLINE_HINT_V2)
