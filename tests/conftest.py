@@ -1,8 +1,16 @@
+import os
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from longctx.models import LoadedModel
+if not torch.cuda.is_available():
+    # the Triton kernel runs in Triton's interpreter on machines without a GPU; this must precede the first import of
+    # Triton, which transformers' model classes import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from longctx.models import LoadedModel  # noqa: E402
 
 
 def tiny_llama(max_positions: int = 256, seed: int = 0, tokenizer=None, **config) -> LoadedModel:
@@ -27,3 +35,11 @@ def smollm2() -> LoadedModel:
     from longctx.models import load_model
 
     return load_model(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m() -> LoadedModel:
+    """The embedded Gemma 3 270M (real weights), loaded once per session on CPU."""
+    from longctx.models import load_model
+
+    return load_model("embedded:gemma3", device="cpu", dtype="float32")

@@ -192,9 +192,8 @@ def test_window_attention_matches_a_naive_reference_with_documented_positions():
     query = rotate(torch.randn(1, kv_heads * groups, n, d), torch.arange(n), inv_freq)
     key = rotate(torch.randn(1, kv_heads, n, d), torch.arange(n), inv_freq)
     value = torch.randn(1, kv_heads, n, d)
-    model = SimpleNamespace(model=SimpleNamespace(rotary_emb=SimpleNamespace(inv_freq=inv_freq)))
-    method = SimpleNamespace(window=window_module._Window(sinks, size, model))
-    module = SimpleNamespace(longctx_method=method, training=False)
+    method = SimpleNamespace(window=window_module._Window(sinks, size))
+    module = SimpleNamespace(longctx_method=method, longctx_inv_freq=inv_freq, training=False)
     out, _ = window_attention(module, query, key, value, None, scaling=d**-0.5, position_ids=torch.arange(n)[None])
     for t in range(n):
         evicted = max(0, t - (sinks + size - 1))

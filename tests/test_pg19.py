@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -22,7 +21,7 @@ from longctx import aggregate
 from longctx.data import books as books_module
 from longctx.data.books import AUSTEN_NOVELS, load_books, read_builtin, strip_gutenberg
 from longctx.models import LoadedModel
-from longctx.registry import build_method, build_task
+from longctx.registry import build_method
 from longctx.runner import evaluate
 from longctx.tasks.base import TaskError
 from longctx.tasks import pg19
@@ -167,13 +166,6 @@ def test_bad_parameters_are_rejected():
         PG19Perplexity(lengths=[1])
     with pytest.raises(TaskError, match="slice_tokens"):
         PG19Perplexity(slice_tokens=0)
-
-
-def test_config_file_builds_the_registered_task():
-    config = OmegaConf.to_container(OmegaConf.load("conf/task/pg19.yaml"))
-    task = build_task(config.pop("name"), **config)
-    assert isinstance(task, PG19Perplexity)
-    assert task.max_length() == max(config["lengths"])
 
 
 def test_figure_has_one_curve_per_length(tmp_path, lm):

@@ -1,5 +1,5 @@
-"""results/ -> one DataFrame -> tables (and PG19's loss-by-position figure). Every run folder holds config.yaml and
-metrics.json; nothing else is needed.
+"""results/ -> one DataFrame -> tables (and PG19's loss-by-position figure). A run folder holds config.yaml,
+provenance.json (machine, versions, status) and, once finished, metrics.json.
 
     python -m longctx.aggregate results/h100 --task passkey --metric accuracy
     python -m longctx.aggregate results/h100 results/cpu --task pg19 --metric ppl --plot pg19_loss_by_position.png
@@ -9,30 +9,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
+from longctx.tracking import PROVENANCE_FILE, read_provenance
+
 # Method parameters that tell two runs of one method apart in a table label, when they differ across runs.
 LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload")
+# What a run measured on. Tables keep runs on different machines apart; numbers from a bfloat16 GPU run and a float32
+# CPU run of the same configuration are not the same measurement.
+MACHINE = ["model", "device", "dtype"]
+
+
+def _run_folders(roots: tuple[str | Path, ...]) -> list[Path]:
+    return sorted({path.parent for root in (roots or ("results",)) for path in Path(root).rglob("config.yaml")
+                   if (path.parent / "metrics.json").exists() or (path.parent / PROVENANCE_FILE).exists()})
 
 
 def load_runs(*roots: str | Path) -> pd.DataFrame:
-    """One row per (run folder, length) under `roots` (default results/): task, method, its parameters, model dtype,
-    seed and every metric."""
+    """One row per (finished run folder, length) under `roots` (default results/): task, method, its parameters,
+    model, device, dtype (resolved, from provenance.json), GPU, seed and every metric. Folders whose run failed or
+    never finished are left out; `incomplete_runs` lists them."""
     rows = []
-    metrics_files = sorted({path for root in (roots or ("results",)) for path in Path(root).rglob("metrics.json")})
-    for metrics_file in metrics_files:
-        run_dir = metrics_file.parent
+    for run_dir in _run_folders(roots):
+        provenance = read_provenance(run_dir) or {}
+        if provenance.get("status", "finished") != "finished" or not (run_dir / "metrics.json").exists():
+            continue
         config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-        metrics = json.loads(metrics_file.read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
         base = {
             "run": str(run_dir),
             "task": config["task"]["name"],
             "method": config["method"]["name"],
             "model": config["model"]["name"],
-            "dtype": config["model"]["dtype"],
+            "device": provenance.get("device", "unknown"),
+            "dtype": provenance.get("dtype", config["model"]["dtype"]),
+            "gpu": provenance.get("gpu"),
+            "provenance": provenance.get("source", "measured" if provenance else "none"),
             "seed": config.get("seed"),
             **{f"method.{k}": v for k, v in config["method"].items() if k != "name" and not isinstance(v, (dict, list))},
         }
@@ -45,6 +61,18 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
         for length, values in per_length.items():
             rows.append({**base, "length": length, "n": samples.get(length, values.get("segments")), **values})
     return pd.DataFrame(rows)
+
+
+def incomplete_runs(*roots: str | Path) -> pd.DataFrame:
+    """Run folders under `roots` that failed or never finished (killed, interrupted): run, status, error."""
+    rows = []
+    for run_dir in _run_folders(roots):
+        provenance = read_provenance(run_dir) or {"status": "finished" if (run_dir / "metrics.json").exists() else "incomplete"}
+        if provenance.get("status") != "finished" or not (run_dir / "metrics.json").exists():
+            status = provenance.get("status")
+            rows.append({"run": str(run_dir), "status": "incomplete" if status == "running" else status,
+                         "error": provenance.get("error")})
+    return pd.DataFrame(rows, columns=["run", "status", "error"])
 
 
 def _samples_per_length(predictions: Path) -> dict[int, int]:
@@ -60,10 +88,8 @@ def label_methods(runs: pd.DataFrame) -> pd.Series:
     short = {"atten_length": "A", "window_size": "w", "block_size": "block", "exact_tail": "tail", "sink_tokens": "sinks", "cpu_offload": "offload"}
     for method, group in runs.groupby("method"):
         varying = [p for p in LABEL_PARAMS if f"method.{p}" in group and group[f"method.{p}"].nunique(dropna=False) > 1]
-        if group["dtype"].nunique() > 1:
-            varying.append("dtype")
         for index, row in group.iterrows():
-            parts = [f"{short.get(p, p)}={_plain(row[p if p == 'dtype' else f'method.{p}'])}" for p in varying]
+            parts = [f"{short.get(p, p)}={_plain(row[f'method.{p}'])}" for p in varying]
             labels[index] = " ".join([method, *parts])
     return labels
 
@@ -73,28 +99,42 @@ def _plain(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None) -> pd.DataFrame:
-    """The newest run (by folder name, a timestamp) per (method label, length) that has `metric`."""
+def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
+    """The newest run (by folder name, a timestamp) per (method label, model, device, dtype, length) that has
+    `metric`; with `merge_machines` per (label, length) wherever it ran."""
     selected = runs[(runs.task == task) & runs[metric].notna()]
     if seed is not None:
         selected = selected[selected.seed == seed]
     selected = selected.assign(label=label_methods(selected), stamp=selected["run"].map(lambda run: Path(run).name))
-    return selected.sort_values("stamp").groupby(["label", "length"]).last()
+    keys = ["label", "length"] if merge_machines else ["label", *MACHINE, "length"]
+    return selected.sort_values("stamp").groupby(keys).last()
 
 
-def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None) -> pd.DataFrame:
-    """Methods (rows) x lengths (columns) of `metric`, with the sample count in brackets; newest run wins a tie."""
-    selected = latest(runs, task, metric, seed)
-    cells = selected.apply(lambda row: f"{row[metric]:.3g} ({int(row['n'])})" if pd.notna(row["n"]) else f"{row[metric]:.3g}", axis=1)
-    return cells.unstack("length").fillna("")
+def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
+    """Methods (rows, with model / device / dtype columns) x lengths (columns) of `metric`, the sample count in
+    brackets; newest run wins a tie. A method measured on two machines gets two rows, unless `merge_machines`: then
+    one row whose every cell names the machine that made it."""
+    selected = latest(runs, task, metric, seed, merge_machines)
+
+    def cell(row) -> str:
+        text = f"{row[metric]:.3g} ({int(row['n'])})" if pd.notna(row["n"]) else f"{row[metric]:.3g}"
+        return f"{text} {row['device']} {row['dtype']}" if merge_machines else text
+
+    cells = selected.apply(cell, axis=1).unstack("length").fillna("")
+    cells.columns = list(cells.columns)  # plain lengths, not a named index, so `cells.loc[label, 4096]` reads a cell
+    return cells if merge_machines else cells.reset_index(MACHINE)
 
 
-def load_curves(runs: pd.DataFrame, seed: int | None = None) -> pd.DataFrame:
-    """Loss by position of the runs in the PG19 table: columns label, length, bucket_start, mean_nll."""
+def load_curves(runs: pd.DataFrame, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
+    """Loss by position of the runs in the PG19 table: columns label, length, bucket_start, mean_nll. When the runs
+    span machines (and are not merged) the label names the machine."""
+    selected = latest(runs, "pg19", "ppl", seed, merge_machines).reset_index()
+    several = not merge_machines and len(selected[["device", "dtype"]].drop_duplicates()) > 1
     frames = []
-    for (label, length), row in latest(runs, "pg19", "ppl", seed).iterrows():
+    for _, row in selected.iterrows():
         curve = pd.read_csv(Path(row["run"]) / "loss_by_position.csv")
-        frames.append(curve[curve["length"] == length].assign(label=label))
+        label = f"{row['label']} ({row['device']} {row['dtype']})" if several else row["label"]
+        frames.append(curve[curve["length"] == row["length"]].assign(label=label))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -104,19 +144,26 @@ def main() -> None:
     parser.add_argument("--task", default="passkey")
     parser.add_argument("--metric", default="accuracy")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--merge-machines", action="store_true",
+                        help="one row per method even across devices / dtypes; each cell names its machine")
     parser.add_argument("--plot", help="pg19 only: write the loss-by-position figure of the table's runs here")
     parser.add_argument("--pretrained-length", type=int, default=8192, help="marked on the --plot figure")
     args = parser.parse_args()
     runs = load_runs(*args.roots)
+    incomplete = incomplete_runs(*args.roots)
+    if len(incomplete):
+        print(f"{len(incomplete)} run folders failed or did not finish (left out):", file=sys.stderr)
+        print(incomplete.to_string(index=False), file=sys.stderr)
     if runs.empty:
-        raise SystemExit(f"error: no run folders (with metrics.json) under {' '.join(args.roots)}")
-    print(table(runs, args.task, args.metric, args.seed).to_markdown())
+        raise SystemExit(f"error: no finished run folders under {' '.join(args.roots)}")
+    print(table(runs, args.task, args.metric, args.seed, args.merge_machines).to_markdown())
     if args.plot:
         if args.task != "pg19":
             raise SystemExit("error: --plot draws PG19 loss curves; use it with --task pg19")
         from longctx.viz import loss_by_position_by_method
 
-        figure = loss_by_position_by_method(load_curves(runs, args.seed), args.pretrained_length)
+        curves = load_curves(runs, args.seed, args.merge_machines)
+        figure = loss_by_position_by_method(curves, args.pretrained_length)
         figure.savefig(args.plot, dpi=120)
         print(f"figure: {args.plot}")
 

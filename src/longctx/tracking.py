@@ -1,38 +1,145 @@
-"""One folder per run (config, predictions, metrics, tables, figures) mirrored to a wandb run."""
+"""One folder per run (config, provenance, predictions, metrics, tables, figures) mirrored to a wandb run.
+
+A run folder says where its numbers came from: `provenance.json` holds the resolved device and dtype, the GPU, the
+package versions, the git commit (and whether the tree was dirty), the command line, start and end time, and the
+status (`running`, `finished`, or `failed` with the error). It is written when the run starts and rewritten when it
+ends; `metrics.json` appears only at the end of a finished run (written whole, then renamed), so a killed run leaves
+a folder whose status stays `running`, never a metrics file that looks finished.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 
 log = logging.getLogger(__name__)
 
+PROVENANCE_FILE = "provenance.json"
+# Keys of the run's config that do not change its numbers: where it is written and logged, and whether to re-run.
+UNHASHED_KEYS = ("output_dir", "logger", "force")
+
+
+def config_hash(config: dict[str, Any], device: str, dtype: str) -> str:
+    """A short hash of what determines a run's numbers: its resolved config (without output folder and logger) and
+    the device and dtype that `auto` resolved to on this machine (a CPU run does not stand in for a GPU run)."""
+    kept = {key: value for key, value in config.items() if key not in UNHASHED_KEYS} | {"resolved": [device, dtype]}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_state(path: Path) -> dict[str, Any]:
+    """Commit and dirtiness of the git work tree holding `path` (the installed longctx source), or nulls outside one."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    # tracked files only: run folders and caches written inside the checkout must not make every run "dirty"
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The machine and software a run measured on: what `aggregate` keys tables on."""
+    on_cuda = device.type == "cuda"
+    return {
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "source": "measured",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if on_cuda else None,
+            "transformers": _version("transformers"),
+            "longctx": _version("longctx"),
+        },
+        "git": git_state(Path(__file__).resolve().parent),
+        "command": shlex.join(sys.argv),
+    }
+
+
+def read_provenance(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def find_finished(parent: Path, digest: str) -> Path | None:
+    """The newest finished run folder directly under `parent` whose config hashes to `digest`."""
+    if not parent.is_dir():
+        return None
+    for run_dir in sorted(parent.iterdir(), reverse=True):
+        provenance = read_provenance(run_dir) if run_dir.is_dir() else None
+        if provenance and provenance.get("status") == "finished" and provenance.get("config_hash") == digest:
+            return run_dir
+    return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write whole or not at all: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(partial, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
 
 class RunRecorder:
-    """Writes `config.yaml`, `predictions.jsonl`, `metrics.json`, `<table>.csv` and `<figure>.png` to `out_dir`.
+    """Writes `config.yaml`, `provenance.json`, `predictions.jsonl`, then `metrics.json`, `<table>.csv` and
+    `<figure>.png` to `out_dir`; use it as a context manager so a run that raises is recorded as failed.
 
     With `wandb_mode` offline (the default) the wandb run lives under `<results>/wandb/` and needs no account;
-    `wandb sync` uploads it later. `disabled` skips wandb.
+    `wandb sync` uploads it later. `disabled` skips wandb. Runs of one sweep share `wandb_group`; the config goes to
+    wandb flattened (`method.name`, `task.lengths`...) so dashboards filter on any field.
     """
 
     def __init__(
         self,
         out_dir: str | Path,
         config: dict[str, Any],
+        provenance: dict[str, Any],
         wandb_mode: str = "offline",
         project: str = "longctx",
         entity: str | None = None,
         run_name: str | None = None,
         wandb_dir: str | Path | None = None,
+        wandb_group: str | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(_to_yaml(config))
+        self.provenance = {"status": "running", "error": None, "started": _now(), "ended": None,
+                           **provenance}
+        self.provenance["config_hash"] = config_hash(config, provenance["device"], provenance["dtype"])
+        write_json(self.out_dir / PROVENANCE_FILE, self.provenance)
         self._predictions = (self.out_dir / "predictions.jsonl").open("w")
         self._rows: list[dict[str, Any]] = []
         self.wandb_run = None
@@ -41,10 +148,19 @@ class RunRecorder:
 
             wandb_dir = Path(wandb_dir or self.out_dir)  # wandb writes its runs under <wandb_dir>/wandb/
             wandb_dir.mkdir(parents=True, exist_ok=True)
+            flat = pd.json_normalize(config, sep=".").iloc[0].to_dict()
+            flat.update({key: self.provenance[key] for key in ("device", "dtype", "gpu", "config_hash")})
             self.wandb_run = wandb.init(
-                mode=wandb_mode, project=project, entity=entity, name=run_name, config=config, dir=str(wandb_dir),
-                settings=wandb.Settings(silent=True, console="off"),
+                mode=wandb_mode, project=project, entity=entity, name=run_name, group=wandb_group, config=flat,
+                dir=str(wandb_dir), settings=wandb.Settings(silent=True, console="off"),
             )
+
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:
+            self.fail(error)
 
     def log_sample(self, record: dict[str, Any]) -> None:
         self._predictions.write(json.dumps(record) + "\n")
@@ -60,13 +176,14 @@ class RunRecorder:
         plt.close(figure)
 
     def finish(self, metrics: dict[str, float], tables: dict[str, pd.DataFrame], figures: dict[str, Any]) -> None:
-        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for name, table in tables.items():
             table.to_csv(self.out_dir / f"{name}.csv", index=False)
             (self.out_dir / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
         for name, figure in figures.items():
             self.log_figure(name, figure)
         self._predictions.close()
+        write_json(self.out_dir / "metrics.json", metrics)  # last of the outputs: its presence means "complete"
+        self._end("finished", None)
         if self.wandb_run is not None:
             import wandb
 
@@ -77,6 +194,19 @@ class RunRecorder:
                 # column names as strings: pivot tables have int columns (lengths) that wandb cannot serialise
                 self.wandb_run.log({name: wandb.Table(dataframe=table.rename(columns=str).astype(str))})
             self.wandb_run.finish()
+
+    def fail(self, error: BaseException) -> None:
+        """Record the run as failed (Ctrl-C included), close its files and mark its wandb run failed."""
+        self._predictions.close()
+        message = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
+        self._end("failed", message)
+        if self.wandb_run is not None:
+            self.wandb_run.summary["error"] = message
+            self.wandb_run.finish(exit_code=1)
+
+    def _end(self, status: str, error: str | None) -> None:
+        self.provenance.update(status=status, error=error, ended=_now())
+        write_json(self.out_dir / PROVENANCE_FILE, self.provenance)
 
 
 def _to_yaml(config: dict[str, Any]) -> str:

@@ -9,7 +9,9 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
+from transformers.cache_utils import DynamicLayer
 
+from longctx.methods.rope import LENGTH_DEPENDENT_ROPE, AttentionLayer, attention_layers
 from longctx.models import LoadedModel
 
 
@@ -66,15 +68,21 @@ class Method:
 
 @dataclass
 class AttentionMethod(Method):
-    """A method that swaps every layer's attention for a registered function and brings its own KV cache.
+    """A method that swaps the attention of a model's layers for a registered function and brings its own KV cache.
 
-    The plumbing lives here once: register `attention_function` with transformers' `AttentionInterface`, point every
-    attention module at this method (the function finds it as `module.longctx_method`), and hook the decoder's forward
-    so that each sequence carries the cache `prepare_cache` returns (plain `model(...)` and `generate()` alike).
+    The plumbing lives here once: find the attention layers and the RoPE each uses (`rope.attention_layers`), register
+    `attention_function` with transformers' `AttentionInterface`, point every layer the method acts on at it (the
+    function finds the method as `module.longctx_method` and the layer's RoPE frequencies as
+    `module.longctx_inv_freq`), and hook the decoder's forward so that each sequence carries the cache `prepare_cache`
+    returns (plain `model(...)` and `generate()` alike).
+
+    Where a model mixes layer types (Gemma 3: five local sliding-window layers per global one), the method acts on
+    the global layers; local layers keep their own sliding-window attention unless `replace_sliding_layers` is set.
     Batches must not be padded: transformers builds no mask for a custom attention function.
     """
 
     attention_name: ClassVar[str] = "base"
+    replace_sliding_layers: bool = False
 
     @staticmethod
     def attention_function(module, query, key, value, attention_mask, **kwargs):
@@ -84,17 +92,54 @@ class AttentionMethod(Method):
         """The cache this forward call should use, given the one it was called with."""
         return cache
 
+    def layers_to_act_on(self, lm: LoadedModel) -> tuple[list[AttentionLayer], list[AttentionLayer]]:
+        """(all attention layers, those this method replaces); MethodError (one line) if it cannot serve the model."""
+        model_name = type(lm.model).__name__
+        try:
+            layers = attention_layers(lm.model)
+        except ValueError as error:
+            raise MethodError(f"{self.name}: {error}") from None
+        if not layers:
+            raise MethodError(f"{self.name} found no attention layers in {model_name}: no module calls transformers' attention interface")
+        if any(layer.rotary is None for layer in layers):
+            raise MethodError(f"{self.name} needs a RoPE model, but the attention layers of {model_name} get no rotary position embeddings")
+        with_extras = next((layer for layer in layers if layer.extras), None)
+        if with_extras is not None:
+            raise MethodError(f"{self.name} does not implement {', '.join(with_extras.extras)}, which the attention layers of {model_name} use")
+        acted = [layer for layer in layers if self.replace_sliding_layers or not layer.is_local(lm.pretrained_length)]
+        if not acted:
+            raise MethodError(
+                f"{self.name}: every attention layer of {model_name} is a local sliding-window layer"
+                f" (window {layers[0].sliding_window}); set replace_sliding_layers=true to act on them"
+            )
+        changing = next((layer for layer in acted if layer.rope_type in LENGTH_DEPENDENT_ROPE), None)
+        if changing is not None:
+            raise MethodError(
+                f"{self.name} re-rotates cached keys with fixed frequencies, but layer {changing.index} of {model_name}"
+                f" uses {changing.rope_type} RoPE, whose frequencies change with the length"
+            )
+        return layers, acted
+
     def apply(self, lm: LoadedModel) -> None:
         model = lm.model
-        AttentionInterface.register(self.attention_name, self.attention_function)
-        modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
-        if not modules:
-            raise MethodError(f"{self.name} found no attention layers (with q_proj and layer_idx) in {type(model).__name__}")
-        for module in modules:
-            module.longctx_method = self
+        layers, acted = self.layers_to_act_on(lm)
+        for layer in acted:
+            layer.module.longctx_method = self
+            layer.module.longctx_inv_freq = layer.inv_freq.clone()
+        # one function serves every layer: those the method does not act on keep their own attention
+        act = self.attention_function
+
+        def attention(module, *args, **kwargs):
+            return (act if hasattr(module, "longctx_method") else own_sliding_window_attention)(module, *args, **kwargs)
+
+        AttentionInterface.register(self.attention_name, attention)
         # on the decoder, not the LM wrapper: tasks that call the decoder directly (perplexity) pass through it too
         hook = model.get_decoder().register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._installed = (model.config._attn_implementation, hook, modules)
+        self._installed = (model.config._attn_implementation, hook, [layer.module for layer in acted])
+        acted_indices = {layer.index for layer in acted}
+        # layers left alone (index -> window): a method's cache keeps only their window, as the model's own does
+        self.local_windows = {layer.index: layer.sliding_window for layer in layers if layer.index not in acted_indices}
+        self._replaced_sliding = [layer.index for layer in acted if layer.sliding_window is not None]
         model.config._attn_implementation = self.attention_name
 
     def remove(self, lm: LoadedModel) -> None:
@@ -102,12 +147,74 @@ class AttentionMethod(Method):
         lm.model.config._attn_implementation = implementation
         hook.remove()
         for module in modules:
-            del module.longctx_method
-        del self._installed
+            del module.longctx_method, module.longctx_inv_freq
+        del self._installed, self.local_windows, self._replaced_sliding
 
     def _before_forward(self, decoder, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise MethodError(f"{self.name} does not support padded batches; run one sequence (or equal lengths) at a time")
-        kwargs["past_key_values"] = self.prepare_cache(decoder.config, kwargs.get("past_key_values"), kwargs.get("use_cache"))
+        cache = self.prepare_cache(decoder.config, kwargs.get("past_key_values"), kwargs.get("use_cache"))
+        for index in self._replaced_sliding if cache is not None else ():
+            # A sliding layer this method replaces must keep every token: the model's own cache would cut it to its window.
+            if getattr(cache.layers[index], "is_sliding", False):
+                if cache.layers[index].is_initialized:
+                    raise MethodError(f"{self.name} replaces sliding layer {index}, whose cache already dropped tokens")
+                cache.layers[index] = DynamicLayer()
+        kwargs["past_key_values"] = cache
         return args, kwargs
+
+
+# Queries per block in a local layer's attention: each block needs only its band of (block + window - 1) keys.
+LOCAL_QUERY_BLOCK = 1024
+
+
+def sliding_window_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, scaling: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """Causal attention over each query's `window` most recent keys (keys j with t - window < j <= t), as a local
+    sliding-window layer computes it, in O(L * (block + window)) instead of O(L * N).
+
+    query [B, Hq, L, D] are the last L of the keys [B, Hkv, N, D]: a contiguous run of tokens ending at the last query,
+    as a full or a sliding-window cache holds them (possibly in host memory). Returns [B, Hq, L, D].
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_start = kv_len - q_len
+    if kv_len <= window:  # nothing has left the window yet
+        return causal_attention(query, key.to(query.device), value.to(query.device), q_start, scaling, dropout)
+    out = []
+    for start in range(0, q_len, LOCAL_QUERY_BLOCK):
+        stop = min(start + LOCAL_QUERY_BLOCK, q_len)
+        low, high = max(0, q_start + start - window + 1), q_start + stop
+        positions = torch.arange(q_start + start, high, device=query.device)[:, None]
+        band = torch.arange(low, high, device=query.device)[None, :]
+        out.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:stop],
+                key[:, :, low:high].to(query.device),
+                value[:, :, low:high].to(query.device),
+                attn_mask=(band <= positions) & (band > positions - window),
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        )
+    return torch.cat(out, dim=2)
+
+
+def own_sliding_window_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention of a layer a method leaves alone: its own sliding window, as the model passes it."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = sliding_window if sliding_window is not None else key.shape[2]
+    out = sliding_window_attention(query, key, value, window, scaling, dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None

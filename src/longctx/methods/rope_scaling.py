@@ -2,8 +2,11 @@
 
 Both only change the model's rope parameters and rebuild its rotary embedding from them, so they touch neither the
 attention implementation nor the weights. That makes them composable: another method (LongHeads) can hold one of
-these and call its `apply`/`remove` around its own patch; `rope.rope_inv_freq(model)` then returns the scaled
-frequencies.
+these and call its `apply`/`remove` around its own patch; the attention layers then see the scaled frequencies.
+
+Where RoPE differs per layer type (Gemma 3: theta 1e4 for local sliding-window layers, 1e6 for global ones), only the
+types of the global layers are rescaled: a local layer never sees a distance past its window, so stretching its
+positions would only blur it.
 """
 
 from __future__ import annotations
@@ -14,16 +17,19 @@ from typing import Any
 import torch
 
 from longctx.methods.base import Method, MethodError
+from longctx.methods.rope import attention_layers
 from longctx.models import LoadedModel
 
 
 @dataclass
 class _RopeScaling(Method):
-    """Swap the model's `config.rope_parameters` for scaled ones and rebuild `model.model.rotary_emb` from them."""
+    """Swap the model's `config.rope_parameters` for scaled ones and rebuild its rotary embedding from them."""
 
     factor: float | None = None
     _target_length: int | None = field(default=None, init=False, repr=False, compare=False)
-    _saved: tuple[dict[str, Any], torch.nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
+    _saved: tuple[Any, dict[str, Any], torch.nn.Module, str, torch.nn.Module] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.factor is not None and self.factor < 1:
@@ -43,24 +49,45 @@ class _RopeScaling(Method):
         """The rope parameters to use instead of `params` (a "default"-type dict holding `rope_theta`)."""
         raise NotImplementedError
 
-    def apply(self, lm: LoadedModel) -> None:
-        config, base = lm.model.config, lm.model.base_model
-        params = getattr(config, "rope_parameters", None)
-        # Nested per-layer-type parameters and already-scaled types (llama3, yarn...) would need their own arithmetic.
+    def _scaled_checked(self, lm: LoadedModel, params: Any, rotary_dim: int) -> dict[str, Any]:
+        # Already-scaled types (llama3, yarn...) would need their own arithmetic.
         if not isinstance(params, dict) or "rope_theta" not in params or params.get("rope_type") != "default":
             raise MethodError(f"{self.name} needs a model with plain RoPE (rope_type 'default'); got {params}")
-        rotary = getattr(base, "rotary_emb", None)
-        if rotary is None or not hasattr(rotary, "inv_freq"):
-            raise MethodError(f"{self.name}: {type(lm.model).__name__} has no model.rotary_emb to rescale")
-        config.rope_parameters = self.scaled(lm, dict(params), rotary_dim=2 * rotary.inv_freq.numel())
-        rebuilt = type(rotary)(config=config)
-        base.rotary_emb = rebuilt.to(rotary.inv_freq.device, rotary.inv_freq.dtype)
-        self._saved = (params, rotary)
+        return self.scaled(lm, dict(params), rotary_dim)
+
+    def apply(self, lm: LoadedModel) -> None:
+        model_name = type(lm.model).__name__
+        try:
+            layers = [layer for layer in attention_layers(lm.model) if layer.rotary is not None]
+        except ValueError as error:
+            raise MethodError(f"{self.name}: {error}") from None
+        rotaries = list({id(layer.rotary): layer.rotary for layer in layers}.values())
+        if len(rotaries) != 1:
+            raise MethodError(
+                f"{self.name} needs a RoPE model with one rotary embedding module; {model_name} has {len(rotaries)}"
+                + (" (its attention layers get no rotary position embeddings)" if not rotaries else "")
+            )
+        rotary = rotaries[0]
+        config, params = rotary.config, rotary.config.rope_parameters
+        if layers[0].layer_type is None:
+            config.rope_parameters = self._scaled_checked(lm, params, 2 * layers[0].inv_freq.numel())
+        else:
+            global_layers = [layer for layer in layers if not layer.is_local(lm.pretrained_length)] or layers
+            rotary_dims = {layer.layer_type: 2 * layer.inv_freq.numel() for layer in global_layers}
+            config.rope_parameters = {
+                **params, **{kind: self._scaled_checked(lm, params[kind], dim) for kind, dim in rotary_dims.items()}
+            }
+        name = next(name for name, module in lm.model.named_modules() if module is rotary)
+        parent_name, _, attribute = name.rpartition(".")
+        parent = lm.model.get_submodule(parent_name)
+        buffer = next(rotary.buffers())
+        setattr(parent, attribute, type(rotary)(config=config).to(buffer.device, buffer.dtype))
+        self._saved = (config, params, parent, attribute, rotary)
 
     def remove(self, lm: LoadedModel) -> None:
-        params, rotary = self._saved
-        lm.model.config.rope_parameters = params
-        lm.model.base_model.rotary_emb = rotary
+        config, params, parent, attribute, rotary = self._saved
+        config.rope_parameters = params
+        setattr(parent, attribute, rotary)
         self._saved = None
 
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Cache, DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from longctx.methods.base import AttentionMethod, MethodError, causal_attention
-from longctx.methods.rope import rope_inv_freq, rotate
+from longctx.methods.rope import rotate
 from longctx.models import LoadedModel
 
 ATTENTION_NAME = "longctx_window"
@@ -40,7 +40,6 @@ QUERY_BLOCK = 512
 class _Window:
     sink_tokens: int
     window_size: int
-    model: PreTrainedModel
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -79,10 +78,21 @@ class SinkWindowLayer(DynamicLayer):
 
 
 class SinkWindowCache(Cache):
-    """KV cache of bounded size (S + W - 1 tokens per layer) for `SlidingWindow`."""
+    """KV cache of bounded size (S + W - 1 tokens per layer) for `SlidingWindow`.
 
-    def __init__(self, sink_tokens: int, window_size: int, num_layers: int) -> None:
-        super().__init__(layers=[SinkWindowLayer(sink_tokens, window_size) for _ in range(num_layers)])
+    local_windows: layers left to their own sliding-window attention (layer index -> window), which keep only their
+    window, as the model's own cache does.
+    """
+
+    def __init__(self, sink_tokens: int, window_size: int, num_layers: int, local_windows: dict[int, int] | None = None) -> None:
+        local_windows = local_windows or {}
+        super().__init__(
+            layers=[
+                DynamicSlidingWindowLayer(local_windows[index]) if index in local_windows
+                else SinkWindowLayer(sink_tokens, window_size)
+                for index in range(num_layers)
+            ]
+        )
 
 
 def window_attention(
@@ -113,7 +123,7 @@ def window_attention(
     offset = first + q_len - kv_len  # key slot of absolute position p >= sinks is p - offset
     if offset < 0 or (offset > 0 and kv_len <= sinks):
         raise RuntimeError(f"{ATTENTION_NAME}: {kv_len} cached keys do not fit queries at {first}..{first + q_len - 1}")
-    inv_freq = rope_inv_freq(window.model)
+    inv_freq = module.longctx_inv_freq  # this layer's RoPE
     dropout = dropout if module.training else 0.0
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     # Before eviction starts (t < S + W) a query sees every key at its true position: plain causal attention.
@@ -185,7 +195,7 @@ class SlidingWindow(AttentionMethod):
         return size
 
     def apply(self, lm: LoadedModel) -> None:
-        self.window = _Window(self.sink_tokens, self.resolved_window(lm), lm.model)
+        self.window = _Window(self.sink_tokens, self.resolved_window(lm))
         super().apply(lm)
 
     def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> Cache | None:
@@ -193,5 +203,5 @@ class SlidingWindow(AttentionMethod):
         # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
         if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
             layers = config.get_text_config(decoder=True).num_hidden_layers
-            return SinkWindowCache(self.window.sink_tokens, self.window.window_size, layers)
+            return SinkWindowCache(self.window.sink_tokens, self.window.window_size, layers, self.local_windows)
         return cache

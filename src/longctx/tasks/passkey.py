@@ -52,7 +52,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPromp
         raise TaskError(f"passkey depth {depth} is outside [0, 1]")
 
     def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
+        # with the tokenizer's own special tokens, as the model reads the prompt (Gemma's <bos>; SmolLM2 adds none)
+        return len(tokenizer(text).input_ids)
 
     needle = NEEDLE.format(key=key)
     fixed = count(INSTRUCTION + needle + QUESTION)
@@ -101,6 +102,13 @@ class Passkey(Task):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # the whole config is checked here, before a model, a run folder or a wandb run exists
+        if not self.lengths or min(self.lengths) < 1:
+            raise TaskError(f"task.lengths must be a non-empty list of positive token counts, got {list(self.lengths)}")
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise TaskError(f"task.num_samples and task.max_new_tokens must be >= 1, got {self.num_samples}, {self.max_new_tokens}")
+        if self.depths is not None and not all(0.0 <= depth <= 1.0 for depth in self.depths):
+            raise TaskError(f"task.depths must lie in [0, 1], got {list(self.depths)}")
         self._records: list[dict[str, Any]] = []
 
     def max_length(self) -> int:
@@ -126,7 +134,7 @@ class Passkey(Task):
         prompts = self.samples(lm.tokenizer)
         on_cuda = lm.device.type == "cuda"
         for index, prompt in enumerate(tqdm(prompts, desc="passkey", unit="sample")):
-            input_ids = lm.tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False).input_ids.to(lm.device)
+            input_ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids.to(lm.device)
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(lm.device)
                 torch.cuda.synchronize(lm.device)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from longctx.data.books import Book, load_books
+from longctx.data.books import SOURCES, Book, load_books
 from longctx.models import LoadedModel
 from longctx.tasks.base import SampleCallback, Task, TaskError
 
@@ -87,9 +87,9 @@ class PG19Perplexity(Task):
 
     name: ClassVar[str] = "pg19"
 
-    lengths: list[int] = field(default_factory=lambda: [4096, 8192])
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])  # CPU-sized; raise past the pretrained length
     num_books: int | None = None
-    segments_per_length: int = 8
+    segments_per_length: int = 4
     source: str = "builtin"
     path: str | None = None
     position_buckets: int = 32
@@ -102,6 +102,10 @@ class PG19Perplexity(Task):
         for key in ("segments_per_length", "position_buckets", "slice_tokens"):
             if getattr(self, key) < 1:
                 raise TaskError(f"task.{key} must be >= 1, got {getattr(self, key)}")
+        if self.source not in SOURCES:
+            raise TaskError(f"unknown task.source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.source == "folder" and not self.path:
+            raise TaskError("task.source=folder needs task.path=<folder of .txt books>")
         if self.num_books is not None and self.num_books < 1:
             raise TaskError(f"task.num_books must be >= 1 or null (all), got {self.num_books}")
         # Filled by run(): per length, the summed NLL at each target position and the number of segments summed.

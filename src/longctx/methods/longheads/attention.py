@@ -4,9 +4,15 @@ transformers hands us, per layer, queries [batch, q_heads, q_len, head_dim] and 
 [batch, kv_heads, kv_len, head_dim], all already RoPE-rotated at their absolute positions. For every query past
 `begin_selective_length`, each query head scores the completed chunks with its un-rotated query against the chunk
 summaries, keeps the first chunk, the previous and the current chunk plus the top-scoring others (K = A / w slots),
-lays them side by side and attends to them with remapped positions. Remapping moves a gathered chunk by a multiple
-of w; since RoPE scores depend only on the rotation between query and key, the query is rotated once per slot
-instead of every gathered key, and no distance reaches A = atten_length.
+lays them side by side and attends to them with remapped positions: slot i holds positions i*w.., the query sits in
+the last slot, so no distance reaches A = atten_length.
+
+Selection is one piece of code; attending to the chosen chunks has three interchangeable kernels:
+- "triton" (GPU): one fused kernel, triton_kernel.py; chunks are read straight from the cache.
+- "torch" (CPU, stock torch): each chunk's keys are rotated once per slot for the whole layer, then every block of
+  queries gathers its slots with index_select into a reused buffer and runs one SDPA call with a float mask.
+- "reference": the plain formulation (gather, rotate the query per slot, einsum, softmax); the tests' yardstick.
+"auto" picks triton on CUDA when Triton is importable, else torch. All three give the same output up to rounding.
 
 Behaviour we follow where the reference release is inconsistent: in prefill and decoding alike the forced chunks
 are (first, previous, current) and the query attends to its own key, as in ordinary causal attention. Prefill and
@@ -22,7 +28,21 @@ import torch.nn.functional as F
 
 from longctx.methods.base import causal_attention
 from longctx.methods.longheads.cache import LayerSummaries, LongHeadsCache
+from longctx.methods.longheads.triton_kernel import (
+    triton_available,
+    triton_block_selection,
+    triton_selective_attention,
+    triton_token_attention,
+)
 from longctx.methods.rope import rotate
+
+KERNELS = ("auto", "triton", "torch", "reference")
+# the torch kernel's gathered keys and values stay within this many elements: a few tens of MB, cache-resident
+TORCH_WORKING_SET = 2**22
+# float32 queries summarised at once (elements): bounds the summaries' transient memory in long prefills
+SUMMARY_WORKING_SET = 2**23
+# queries selected and attended at once: bounds the float32 selection state of a long prefill
+QUERY_PIECE = 32768
 
 
 @dataclass(frozen=True)
@@ -34,7 +54,8 @@ class Geometry:
     begin: int  # B, first position that uses selection
     block: int  # queries sharing one selection in prefill (1 = per token)
     exact_tail: int  # last prefill queries that always select per token
-    gather_budget: int  # key vectors gathered at once; bounds the working memory of long prefills
+    gather_budget: int  # key vectors gathered at once by the reference kernel; bounds its working memory
+    kernel: str  # triton, torch, reference or auto (attention.py's docstring)
 
 
 def chunk_summaries(
@@ -56,16 +77,18 @@ def chunk_summaries(
     group = q_heads // kv_heads
     starts = (first_chunk + torch.arange(chunks, device=queries.device)) * window
     # 1. positions local to the chunk (0..w-1): rotate back by the chunk's start
-    q = rotate(queries.view(batch, q_heads, chunks, window, dim), -starts[:, None], inv_freq)
+    q = rotate(queries.view(batch, kv_heads, group, chunks, window, dim), -starts[:, None], inv_freq)
     k = rotate(keys.view(batch, kv_heads, chunks, window, dim), -starts[:, None], inv_freq)
     v = values.view(batch, kv_heads, chunks, window, dim)
-    k = k.repeat_interleave(group, dim=1)  # [B, Hq, m, w, D]
-    v = v.repeat_interleave(group, dim=1)
-    # 2. non-causal attention inside the chunk; 3. mean-pool its outputs -> u [B, Hq, m, 1, D]
-    u = F.scaled_dot_product_attention(q, k, v, scale=scaling).mean(dim=-2, keepdim=True)
+    # the heads of a GQA group share keys: stack their queries along the query axis instead of copying the keys
+    q = q.transpose(2, 3).reshape(batch * kv_heads, chunks, group * window, dim)
+    k, v = k.view(batch * kv_heads, chunks, window, dim), v.view(batch * kv_heads, chunks, window, dim)
+    # 2. non-causal attention inside the chunk; 3. mean-pool its outputs -> u [B*Hkv, m, G, D]
+    u = F.scaled_dot_product_attention(q, k, v, scale=scaling).view(-1, chunks, group, window, dim).mean(dim=-2)
     # 4. u as a query over the chunk's keys: the weighted mean key is the summary c
-    weights = torch.softmax((u @ k.transpose(-1, -2)).float() * scaling, dim=-1).to(k.dtype)  # [B, Hq, m, 1, w]
-    return (weights @ k).squeeze(-2)
+    weights = torch.softmax((u @ k.transpose(-1, -2)).float() * scaling, dim=-1).to(k.dtype)  # [B*Hkv, m, G, w]
+    summaries = (weights @ k).view(batch, kv_heads, chunks, group, dim)
+    return summaries.transpose(2, 3).reshape(batch, q_heads, chunks, dim)
 
 
 def extend_summaries(
@@ -84,8 +107,7 @@ def extend_summaries(
     if done * window + pending.shape[2] != key.shape[2]:
         raise RuntimeError("LongHeads cache out of step with the key cache: use one LongHeadsCache per sequence")
     complete = key.shape[2] // window
-    # bound the in-chunk attention scores [B, Hq, m, w, w] to gather_budget * head_dim elements
-    per_group = max(1, geometry.gather_budget * query.shape[-1] // (query.shape[0] * query.shape[1] * window * window))
+    per_group = max(1, SUMMARY_WORKING_SET // (query.shape[0] * query.shape[1] * window * query.shape[-1]))
     new_summaries = []
     for first in range(done, complete, per_group):
         last = min(complete, first + per_group)
@@ -103,7 +125,8 @@ def extend_summaries(
     if new_summaries:
         previous = [] if state.keys is None else [state.keys]
         state.keys = torch.cat(previous + new_summaries, dim=2)
-    state.open_queries = pending[:, :, (complete - done) * window :]
+    # a copy: a view would keep this forward call's whole query tensor alive in every layer's state
+    state.open_queries = pending[:, :, (complete - done) * window :].clone()
 
 
 def select_chunks(
@@ -123,6 +146,24 @@ def select_chunks(
     shape = top.shape[:-1] + (1,)
     current = current_chunk.view(1, 1, -1, 1).expand(shape)
     return torch.cat((torch.zeros(shape, dtype=top.dtype, device=top.device), top, current - 1, current), dim=-1)
+
+
+def block_selection(
+    query: torch.Tensor, summaries: torch.Tensor, q_start: int, block: int, geometry: Geometry, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """Chunks chosen for each block of `block` queries [B, Hq, L, D] at positions q_start..: [B, Hq, blocks, K].
+
+    Selection uses queries WITHOUT RoPE; a block's score is the mean of its queries' scores.
+    """
+    batch, q_heads, q_len, dim = query.shape
+    blocks = -(-q_len // block)
+    positions = q_start + torch.arange(blocks * block, device=query.device).view(blocks, block)
+    valid = (positions < q_start + q_len).float()
+    raw = rotate(F.pad(query, (0, 0, 0, blocks * block - q_len)).view(batch, q_heads, blocks, block, dim).float(),
+                 -positions, inv_freq)
+    raw_mean = (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None]
+    current_chunk = positions[:, 0] // geometry.window  # a block never straddles chunks (block divides w)
+    return select_chunks(raw_mean, summaries, current_chunk, geometry.slots)
 
 
 def gather_chunks(cache: torch.Tensor, chosen: torch.Tensor, kv_head: torch.Tensor, window: int) -> torch.Tensor:
@@ -146,52 +187,40 @@ def gather_chunks(cache: torch.Tensor, chosen: torch.Tensor, kv_head: torch.Tens
     return picked
 
 
-def selective_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    summaries: torch.Tensor,
-    q_start: int,
-    block: int,
-    geometry: Geometry,
-    inv_freq: torch.Tensor,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LongHeads attention for queries at positions q_start.. (all past `begin`), one selection per block.
+def _block_layout(q_start: int, q_len: int, block: int, window: int, device: torch.device):
+    """Positions [blocks, block] of padded query blocks, their chunk [blocks], and the causal mask of the last slot:
+    token t of the current chunk is hidden from a query t' tokens into it when t > t' ([blocks, block, w])."""
+    blocks = -(-q_len // block)
+    positions = q_start + torch.arange(blocks * block, device=device).view(blocks, block)
+    current_chunk = positions[:, 0] // window
+    into_chunk = positions - current_chunk[:, None] * window
+    hidden_in_current = torch.arange(window, device=device) > into_chunk[..., None]
+    return positions, current_chunk, hidden_in_current
 
-    query [B, Hq, L, D]; keys/values [B, Hkv, N, D] (device or host memory); q_start % block == 0.
-    Returns the output [B, Hq, L, D] and the chunks chosen for the last query [B, Hq, K].
+
+def attend_reference(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor,
+    q_start: int, block: int, geometry: Geometry, inv_freq: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """The plain formulation: gather the chosen chunks, rotate the query per slot, einsum + softmax. [B, Hq, L, D]
+
+    keys/values may be in host memory (cpu_offload): only the gathered chunks cross to the query's device.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     window, slots, device = geometry.window, geometry.slots, query.device
-    blocks = -(-q_len // block)
-    padded = blocks * block
-
-    q = F.pad(query, (0, 0, 0, padded - q_len)).view(batch, q_heads, blocks, block, dim)
-    positions = q_start + torch.arange(padded, device=device).view(blocks, block)
-    valid = (positions < q_start + q_len).float()
-    current_chunk = positions[:, 0] // window  # [blocks]; a block never straddles chunks (block divides w)
-    # selection uses queries WITHOUT RoPE; a block's score is the mean of its queries' scores
-    raw = rotate(q.float(), -positions, inv_freq)
-    raw_mean = (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None]
-    chosen = select_chunks(raw_mean, summaries, current_chunk, slots)  # [B, Hq, blocks, K]
-
-    # remapping: slot i holds positions i*w..; the query keeps its place relative to the last slot, so a key from
-    # chunk c in slot i moves (j - c - (K - 1 - i)) * w positions closer to a query in chunk j. RoPE scores depend
-    # only on q.R(shift)k = R(-shift)q.k, so each query is turned once per slot instead of turning every key gathered.
+    positions, current_chunk, hidden_in_current = _block_layout(q_start, q_len, block, window, device)
+    blocks = positions.shape[0]
+    q = F.pad(query, (0, 0, 0, blocks * block - q_len)).view(batch, q_heads, blocks, block, dim)
+    # a key from chunk c in slot i moves (j - c - (K - 1 - i)) * w positions closer to a query in chunk j; RoPE scores
+    # depend only on q.R(shift)k = R(-shift)q.k, so each query is turned once per slot instead of every key gathered
     slot = torch.arange(slots, device=device)
     shift = ((current_chunk[None, None, :, None] - chosen) - (slots - 1 - slot)) * window  # [B, Hq, blocks, K]
-    # causal inside the current chunk (last slot): its token t is visible to a query t' tokens into that chunk if t <= t'
-    into_chunk = positions - current_chunk[:, None] * window
-    hidden_in_current = torch.arange(window, device=device) > into_chunk[..., None]  # [blocks, block, w]
-
     kv_head = (torch.arange(q_heads, device=keys.device) // (q_heads // kv_heads)).view(1, q_heads, 1, 1)
     per_group = max(1, geometry.gather_budget // (batch * q_heads * slots * window))
     out = torch.empty_like(q)
     for first in range(0, blocks, per_group):
         group = slice(first, min(blocks, first + per_group))
-        # [B, Hq, G, K, w, D]; with cpu_offload only these chunks cross to the accelerator
         k_sel = gather_chunks(keys, chosen[:, :, group], kv_head, window).to(device, non_blocking=True)
         v_sel = gather_chunks(values, chosen[:, :, group], kv_head, window).to(device, non_blocking=True)
         q_slots = rotate(q[:, :, group, :, None, :], -shift[:, :, group, None, :], inv_freq) * scaling
@@ -199,7 +228,63 @@ def selective_attention(
         scores[..., -1, :].masked_fill_(hidden_in_current[group], float("-inf"))
         probs = torch.softmax(scores.flatten(-2), dim=-1, dtype=torch.float32).to(v_sel.dtype)
         out[:, :, group] = probs @ v_sel.flatten(3, 4)
-    return out.view(batch, q_heads, padded, dim)[:, :, :q_len], chosen[:, :, -1]
+    return out.view(batch, q_heads, blocks * block, dim)[:, :, :q_len]
+
+
+def attend_slot_keys(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor,
+    q_start: int, block: int, geometry: Geometry, inv_freq: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """Stock-torch kernel for block selection: [B, Hq, L, D].
+
+    Slot i holds positions i*w.., whichever chunk lands there, so the keys of chunk c in slot i are the cache's keys
+    rotated by (i - c) * w: computed once per slot for the whole layer (K rotations of the cache instead of one per
+    pick). The query then sits at (K - 1 - j) * w from its true position for every slot, one rotation per query, and
+    each block is one dense SDPA call over its K * w gathered keys.
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    window, slots, device = geometry.window, geometry.slots, query.device
+    chunks = -(-kv_len // window)
+    positions, current_chunk, hidden_in_current = _block_layout(q_start, q_len, block, window, device)
+    blocks = positions.shape[0]
+
+    pad = (0, 0, 0, chunks * window - kv_len)
+    chunked_keys = F.pad(keys, pad).view(batch, kv_heads, chunks, window, dim)
+    chunk_start = torch.arange(chunks, device=device)[:, None] * window
+    slot_keys = torch.stack([rotate(chunked_keys, slot * window - chunk_start, inv_freq) for slot in range(slots)])
+    slot_keys = slot_keys.view(slots * batch * kv_heads * chunks, window * dim)  # row (i, b, kv_head, c)
+    chunk_values = F.pad(values, pad).reshape(batch * kv_heads * chunks, window * dim)  # row (b, kv_head, c)
+
+    kv_head = torch.arange(q_heads, device=device) // (q_heads // kv_heads)
+    value_rows = (torch.arange(batch, device=device)[:, None] * kv_heads + kv_head) * chunks  # [B, Hq]
+    value_rows = value_rows[:, :, None, None] + chosen  # [B, Hq, blocks, K]
+    key_rows = value_rows + torch.arange(slots, device=device) * (batch * kv_heads * chunks)
+
+    q = F.pad(query, (0, 0, 0, blocks * block - q_len)).view(batch, q_heads, blocks, block, dim)
+    q = rotate(q, ((slots - 1 - current_chunk) * window)[:, None], inv_freq)
+    # additive mask over [block, K * w]: only the last slot (the query's own chunk) hides anything
+    mask = torch.zeros(blocks, block, slots * window, dtype=query.dtype, device=device)
+    mask[..., -window:].masked_fill_(hidden_in_current, float("-inf"))
+
+    per_group = max(1, TORCH_WORKING_SET // (batch * q_heads * slots * window * dim))
+    key_buffer = torch.empty(batch * q_heads * min(per_group, blocks) * slots, window * dim, dtype=keys.dtype, device=device)
+    value_buffer = torch.empty_like(key_buffer)
+    out = torch.empty_like(q)
+    for first in range(0, blocks, per_group):
+        last = min(blocks, first + per_group)
+        n = last - first
+        rows = batch * q_heads * n * slots
+        k_sel = torch.index_select(slot_keys, 0, key_rows[:, :, first:last].reshape(-1), out=key_buffer[:rows])
+        v_sel = torch.index_select(chunk_values, 0, value_rows[:, :, first:last].reshape(-1), out=value_buffer[:rows])
+        out[:, :, first:last] = F.scaled_dot_product_attention(
+            q[:, :, first:last].reshape(batch * q_heads, n, block, dim),
+            k_sel.view(batch * q_heads, n, slots * window, dim),
+            v_sel.view(batch * q_heads, n, slots * window, dim),
+            attn_mask=mask[first:last],
+            scale=scaling,
+        ).view(batch, q_heads, n, block, dim)
+    return out.view(batch, q_heads, blocks * block, dim)[:, :, :q_len]
 
 
 def selective_segments(start: int, end: int, kv_len: int, geometry: Geometry, q_len: int) -> list[tuple[int, int, int]]:
@@ -217,37 +302,70 @@ def selective_segments(start: int, end: int, kv_len: int, geometry: Geometry, q_
     return [run for run in runs if run[1] > run[0]]
 
 
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    if kernel == "auto":
+        return "triton" if triton_available(device) else "torch"
+    if kernel == "triton" and not triton_available(device):
+        raise RuntimeError("longheads kernel=triton needs a CUDA device and the triton package; use kernel=auto or torch")
+    return kernel
+
+
 def longheads_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' `AttentionInterface` under the name "longheads"."""
     method = module.longctx_method
     cache: LongHeadsCache = method.active_cache
     geometry: Geometry = method.geometry
-    inv_freq = method.inv_freq
+    inv_freq = module.longctx_inv_freq  # this layer's RoPE (layer types may differ, e.g. Gemma 3)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, q_heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     q_start = kv_len - q_len
+    kernel = resolve_kernel(geometry.kernel, query.device)
 
     extend_summaries(cache.layer_summaries(module.layer_idx), query, key, value, geometry, inv_freq, scaling)
-    out = torch.empty_like(query)
+    out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)  # the layout the model wants
+    out_heads = out.transpose(1, 2)
     num_full = min(max(geometry.begin - q_start, 0), q_len)
     if num_full:
         visible = min(kv_len, geometry.begin)
-        out[:, :, :num_full] = causal_attention(
+        out_heads[:, :, :num_full] = causal_attention(
             query[:, :, :num_full], key[:, :, :visible].to(query.device), value[:, :, :visible].to(query.device),
             q_start, scaling,
         )
+    if key.device != query.device and q_len > 1:
+        # cpu_offload prefill: the layer's cache crosses once, not once per query block
+        key, value = key.to(query.device, non_blocking=True), value.to(query.device, non_blocking=True)
     chosen_last = None
     summaries = cache.summaries[module.layer_idx].keys
+    table = None
+    if kernel == "triton" and key.device == query.device:
+        table = method.shift_table(inv_freq, -(-kv_len // geometry.window) + 1, query.device)
     for start, end, block in selective_segments(q_start + num_full, kv_len, kv_len, geometry, q_len):
-        rows = slice(start - q_start, end - q_start)
-        out[:, :, rows], chosen_last = selective_attention(
-            query[:, :, rows], key, value, summaries, start, block, geometry, inv_freq, scaling
-        )
+        for piece in range(start, end, QUERY_PIECE):
+            rows = slice(piece - q_start, min(end, piece + QUERY_PIECE) - q_start)
+            piece_query = query[:, :, rows]
+            if table is not None and block == 1:
+                chosen = triton_token_attention(
+                    piece_query, key, value, summaries, piece, geometry.window, geometry.slots, inv_freq, table, scaling,
+                    out[:, rows],
+                )
+            elif table is not None:
+                chosen = triton_block_selection(
+                    piece_query, summaries, piece, block, geometry.window, geometry.slots, inv_freq
+                )
+                triton_selective_attention(
+                    piece_query, key, value, chosen, piece, block, geometry.window, table, scaling, out[:, rows]
+                )
+            else:
+                chosen = block_selection(piece_query, summaries, piece, block, geometry, inv_freq)
+                fast = kernel == "torch" and block > 1 and key.device == query.device
+                attend = attend_slot_keys if fast else attend_reference
+                out_heads[:, :, rows] = attend(piece_query, key, value, chosen, piece, block, geometry, inv_freq, scaling)
+            chosen_last = chosen[:, :, -1]
     if cache.trace is not None:
-        if module.layer_idx == 0:
-            cache.trace.steps.append({})
         cache.trace.num_chunks = -(-kv_len // geometry.window)
         if chosen_last is not None:
-            cache.trace.steps[-1][module.layer_idx] = chosen_last[0].cpu()
-    return out.transpose(1, 2).contiguous(), None
+            if not cache.trace.steps or module.layer_idx in cache.trace.steps[-1]:  # a new forward call
+                cache.trace.steps.append({})  # (not keyed on layer 0: on Gemma 3 the first layers are local, left alone)
+            cache.trace.steps[-1][module.layer_idx] = chosen_last[0].clone()  # to host only when read: no sync per layer
+    return out, None

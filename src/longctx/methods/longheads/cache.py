@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -9,19 +10,87 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-class HostLayer(DynamicLayer):
-    """A cache layer whose keys and values live in host memory (LongHeads `cpu_offload`).
+def pin(tensor: torch.Tensor) -> None:
+    """Page-lock a host tensor in place for fast, asynchronous copies to the GPU.
 
-    `update` returns the host tensors: the LongHeads attention moves only the chunks it picks to the accelerator.
+    Not `pin_memory=True`: torch's pinned allocator rounds every block up to a power of two and keeps freed blocks,
+    which for a 7B model's 128k-token cache (64 buffers of 1.07 GB) asks for 128 GB of locked host memory.
+    """
+    cudart = torch.cuda.cudart()
+    pointer = tensor.data_ptr()
+    if int(cudart.cudaHostRegister(pointer, tensor.numel() * tensor.element_size(), 0)) == 0:
+        weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)  # else it stays pageable: slower, still right
+
+
+class GrowingLayer(DynamicLayer):
+    """Keys and values in a buffer that grows by whole chunks, geometrically (x1.25), instead of `DynamicLayer`'s
+    concatenation, which copies the whole cache at every decoding step. `keys`/`values` are views of the filled part.
+
+    With `host=True` (LongHeads `cpu_offload`) the buffer lives in host memory, pinned when the states come from a
+    GPU: `update` returns the host tensors and the attention moves what it needs to the accelerator.
     """
 
+    def __init__(self, page: int, host: bool = False, reserve: int = 0) -> None:
+        super().__init__()
+        self.page, self.host, self.reserve = page, host, reserve
+        self.length = 0
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        pin = key_states.device.type == "cuda"
-        key_host = key_states.to("cpu", non_blocking=False)
-        value_host = value_states.to("cpu", non_blocking=False)
-        if pin:
-            key_host, value_host = key_host.pin_memory(), value_host.pin_memory()
-        return super().update(key_host, value_host, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.length = 0
+            self.key_store = self.value_store = None
+        end = self.length + key_states.shape[-2]
+        if self.key_store is None or end > self.key_store.shape[-2]:
+            self._grow(key_states, end)
+        self.key_store[..., self.length : end, :].copy_(key_states)
+        self.value_store[..., self.length : end, :].copy_(value_states)
+        self._set_length(end)
+        return self.keys, self.values
+
+    def _grow(self, states: torch.Tensor, needed: int) -> None:
+        old = 0 if self.key_store is None else self.key_store.shape[-2]
+        capacity = -(-max(needed + 1, old + old // 4, self.reserve) // self.page) * self.page
+        device = "cpu" if self.host else states.device
+        shape = (*states.shape[:-2], capacity, states.shape[-1])
+        stores = []
+        for previous in (self.key_store, self.value_store):
+            store = torch.empty(shape, dtype=states.dtype, device=device)
+            if self.host and states.is_cuda:
+                pin(store)
+            if previous is not None:
+                store[..., : self.length, :].copy_(previous[..., : self.length, :])
+            stores.append(store)
+        self.key_store, self.value_store = stores
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self.key_store[..., :length, :]
+        self.values = self.value_store[..., :length, :]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized and self.key_store is not None:
+            self._set_length(self.keys.shape[-2])
+
+    def _adopt(self) -> None:
+        """Rebuild the buffer from `keys`/`values` after an operation that replaced them (beam search, batch select)."""
+        if self.is_initialized and self.keys is not None and self.keys.numel():
+            self.key_store, self.value_store = self.keys.contiguous(), self.values.contiguous()
+            self._set_length(self.keys.shape[-2])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._adopt()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._adopt()
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+        self.key_store = self.value_store = None
 
 
 @dataclass
@@ -50,12 +119,21 @@ class SelectionTrace:
 
 
 class LongHeadsCache(DynamicCache):
-    """A `DynamicCache` that also holds LongHeads' chunk summaries (and, with offload, keeps K/V in host memory)."""
+    """A `DynamicCache` that also holds LongHeads' chunk summaries, with growing (not concatenating) K/V layers.
 
-    def __init__(self, config, offload: bool = False, record_selection: bool = False) -> None:
+    Layers of other kinds (a sliding-window layer of a model that mixes layer types) are left as the model made them.
+    `reserve` (tokens) sizes the first allocation, so a sequence fed in pieces is not copied as it grows: with
+    `offload`, freed pinned host buffers stay in torch's host cache, so regrowth would cost host memory too.
+    """
+
+    def __init__(
+        self, config, window: int, offload: bool = False, record_selection: bool = False, reserve: int = 0
+    ) -> None:
         super().__init__(config=config)
-        if offload:
-            self.layers = [HostLayer() for _ in self.layers]
+        self.layers = [
+            GrowingLayer(window, host=offload, reserve=reserve) if type(layer) is DynamicLayer else layer
+            for layer in self.layers
+        ]
         self.offload = offload
         self.summaries: dict[int, LayerSummaries] = {}
         self.trace = SelectionTrace() if record_selection else None

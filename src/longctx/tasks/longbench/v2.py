@@ -66,12 +66,16 @@ class LongBenchV2(Task):
             raise TaskError(f"task.max_input_length must be a positive number of tokens or null, got {self.max_input_length}")
         if self.source == "folder" and not self.path:
             raise TaskError("task.source=folder needs task.path=<LongBench v2 data.json, or a folder holding it>")
-        path = Path(self.path).expanduser() if self.source == "folder" else data.hub_v2_file(self.path)
-        self._records = data.read_v2(path, self.num_questions)
+        # a local file is read and checked now, before any model loads; the hub's is fetched by check(lm)
+        self._records: list[dict[str, Any]] | None = None
+        if self.source == "folder":
+            self._records = data.read_v2(Path(self.path).expanduser(), self.num_questions)
         self._budget: int | None = None
         self._results: list[dict[str, Any]] = []
 
     def check(self, lm: LoadedModel) -> None:
+        if self._records is None:
+            self._records = data.read_v2(data.hub_v2_file(self.path), self.num_questions)
         self._budget = self.max_input_length or lm.pretrained_length
         frame = chat_frame(lm.tokenizer, chat=True)
         if self._budget < frame.size + 2:

@@ -1,0 +1,345 @@
+"""Every method on every RoPE family: tiny random models built in memory from each family's config.
+
+The families differ where methods used to break: biased q/k/v (Qwen2), q/k norms (Qwen3, Gemma 3), fused qkv (Phi-3,
+GPT-NeoX), RoPE on a quarter of the head dim (GPT-NeoX), interleaved local sliding-window and global layers with
+different RoPE bases (Gemma 3). GPT-2 (learned positions) must be refused by every RoPE method.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from longctx.methods.base import MethodError
+from longctx.methods.longheads import LongHeads
+from longctx.methods.rope import attention_layers, rotate
+from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
+from longctx.methods.window import SlidingWindow
+from longctx.models import LoadedModel
+
+PRETRAINED = 64
+W, A = 8, 32  # LongHeads at this scale: K = 4 chunks of 8 tokens, selection from position 32 on
+LOCAL_WINDOW = 8  # Gemma 3's sliding layers see their 8 most recent tokens
+SHAPE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=PRETRAINED, initializer_range=0.2,  # large enough to move logits
+)
+ABSENT = object()  # a SHAPE key the family's config does not take
+GEMMA_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # biased q/k/v
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),  # v0.2+: no sliding window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused qkv_proj
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.25, "num_key_value_heads": ABSENT}),
+    "gemma3": (
+        "Gemma3TextConfig", "Gemma3ForCausalLM",
+        {
+            "num_hidden_layers": 4, "head_dim": 16, "sliding_window": LOCAL_WINDOW, "layer_types": GEMMA_LAYER_TYPES,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+        },
+    ),
+}
+
+
+def build(family: str, **overrides) -> LoadedModel:
+    config_class, model_class, settings = FAMILIES[family]
+    settings = {key: value for key, value in {**SHAPE, **settings, **overrides}.items() if value is not ABSENT}
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**settings)
+    model = getattr(transformers, model_class)(config).eval()
+    return LoadedModel(model, None, family, PRETRAINED)
+
+
+@pytest.fixture(params=list(FAMILIES))
+def lm(request) -> LoadedModel:
+    return build(request.param)
+
+
+@pytest.fixture
+def gemma() -> LoadedModel:
+    return build("gemma3")
+
+
+def ids_of(length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(lm: LoadedModel, ids: torch.Tensor, method=None, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        if method is None:
+            return lm.model(ids, **kwargs).logits
+        with method(lm):
+            return lm.model(ids, **kwargs).logits
+
+
+def lh(**params) -> LongHeads:
+    return LongHeads(**{"window_size": W, "atten_length": A, "block_size": 4, "exact_tail": 4, **params})
+
+
+def layer_keys(lm: LoadedModel, ids: torch.Tensor, shift: int) -> dict[int, torch.Tensor]:
+    """The RoPE'd keys each attention module hands to the attention function, for positions shift, shift + 1, ..."""
+    keys = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        keys[module.layer_idx] = key
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("capture_keys", capture)
+    previous, lm.model.config._attn_implementation = lm.model.config._attn_implementation, "capture_keys"
+    try:
+        logits(lm, ids, position_ids=shift + torch.arange(ids.shape[1])[None])
+    finally:
+        lm.model.config._attn_implementation = previous
+    return keys
+
+
+# --- finding the layers and their RoPE --------------------------------------------------------------------------
+
+
+def test_every_attention_layer_and_the_rope_it_really_uses_are_found(lm):
+    """Causal RoPE attention is shift-invariant, so every layer's keys at positions p + 37 are its keys at p rotated by
+    37 with exactly that layer's frequencies: a check of the frequencies found against the model's own rotation."""
+    layers = attention_layers(lm.model)
+    config = lm.model.config
+    assert [layer.index for layer in layers] == list(range(config.num_hidden_layers))
+    ids = ids_of(20)
+    at_zero, shifted = layer_keys(lm, ids, 0), layer_keys(lm, ids, 37)
+    for layer in layers:
+        torch.testing.assert_close(rotate(at_zero[layer.index], torch.tensor(37), layer.inv_freq), shifted[layer.index])
+    head_dim = layers[0].module.head_dim if hasattr(layers[0].module, "head_dim") else layers[0].module.head_size
+    rotary_dims = {2 * layer.inv_freq.numel() for layer in layers}
+    assert rotary_dims == ({head_dim // 4} if lm.name == "gpt_neox" else {head_dim})  # GPT-NeoX: partial rotary
+
+
+def test_gemma3_layer_types_have_their_own_window_and_rope(gemma):
+    layers = attention_layers(gemma.model)
+    assert [layer.layer_type for layer in layers] == GEMMA_LAYER_TYPES
+    assert [layer.sliding_window for layer in layers] == [LOCAL_WINDOW, LOCAL_WINDOW, None, LOCAL_WINDOW]
+    dim = torch.arange(0, 16, 2).float() / 16
+    torch.testing.assert_close(layers[0].inv_freq, 1.0 / 10_000.0**dim)
+    torch.testing.assert_close(layers[2].inv_freq, 1.0 / 1_000_000.0**dim)
+    # the shift test above would fail with the other layer type's frequencies
+    ids = ids_of(20)
+    keys = layer_keys(gemma, ids, 0)[2]
+    assert not torch.allclose(rotate(keys, torch.tensor(37), layers[0].inv_freq), layer_keys(gemma, ids, 37)[2], atol=1e-3)
+
+
+# --- each method against full attention ---------------------------------------------------------------------------
+
+
+def test_longheads_within_atten_length_equals_full_attention(lm):
+    ids = ids_of(A)
+    torch.testing.assert_close(logits(lm, ids, lh()), logits(lm, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_window_covering_the_input_equals_full_attention(lm):
+    ids = ids_of(48)
+    reference = logits(lm, ids)
+    torch.testing.assert_close(logits(lm, ids, SlidingWindow(sink_tokens=2, window_size=46)), reference, atol=1e-5, rtol=1e-5)
+    one_short = logits(lm, ids, SlidingWindow(sink_tokens=2, window_size=45))  # the first non-sink token is dropped
+    assert (one_short[:, -1] - reference[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scaling", [PositionInterpolation, lambda factor: NTKScaling(factor=factor, dynamic=False)])
+def test_rope_scaling_with_factor_one_equals_full_attention_and_larger_changes_it(lm, scaling):
+    ids = ids_of(48)
+    reference = logits(lm, ids)
+    torch.testing.assert_close(logits(lm, ids, scaling(factor=1.0)), reference, atol=1e-5, rtol=1e-5)
+    assert (logits(lm, ids, scaling(factor=2.0)) - reference).abs().max() > 1e-3
+
+
+def test_rope_scaling_stretches_only_the_global_layers_of_gemma3(gemma):
+    before = [layer.inv_freq for layer in attention_layers(gemma.model)]
+    with PositionInterpolation(factor=4.0)(gemma):
+        during = [layer.inv_freq for layer in attention_layers(gemma.model)]
+    for layer_type, old, new in zip(GEMMA_LAYER_TYPES, before, during):
+        torch.testing.assert_close(new, old / 4 if layer_type == "full_attention" else old)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PositionInterpolation(factor=2),
+        lambda: NTKScaling(factor=2, dynamic=False),
+        lambda: NTKScaling(dynamic=True),
+        lambda: SlidingWindow(sink_tokens=2, window_size=16),
+        lambda: lh(),
+        lambda: lh(rope_scaling={"name": "pi", "factor": 2.0}),
+    ],
+    ids=["pi", "ntk", "dynamic-ntk", "window", "longheads", "longheads+pi"],
+)
+def test_remove_restores_the_model_exactly(lm, make):
+    ids = ids_of(2 * PRETRAINED)
+    model, config = lm.model, lm.model.config
+    before = logits(lm, ids)
+    parameters, saved_parameters = config.rope_parameters, copy.deepcopy(config.rope_parameters)
+    modules, implementation = dict(model.named_modules()), config._attn_implementation
+    with make()(lm):
+        assert (logits(lm, ids) - before).abs().max() > 1e-3  # the method acts on this beyond-pretrained input
+    assert config.rope_parameters is parameters and config.rope_parameters == saved_parameters
+    assert config._attn_implementation == implementation
+    assert dict(model.named_modules()) == modules  # the very same rotary modules are back
+    assert not any(module._forward_pre_hooks for module in model.modules())
+    assert not any(hasattr(module, "longctx_method") or hasattr(module, "longctx_inv_freq") for module in model.modules())
+    torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
+
+
+# --- LongHeads past A ---------------------------------------------------------------------------------------------
+
+
+def test_longheads_past_atten_length_decodes_as_it_prefills_within_range(lm):
+    ids = ids_of(100)
+    method = lh(block_size=1, record_selection=True)
+    prefill = logits(lm, ids, method)
+    with method(lm), torch.no_grad():
+        cache = method.new_cache(lm.model)
+        lm.model(ids[:, :70], past_key_values=cache)  # 70: mid-chunk, past the selective start
+        steps = [lm.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(70, 100)]
+        trace = method.trace()
+    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 70:], atol=1e-4, rtol=1e-4)
+    slots = A // W
+    global_layers = [layer for layer in attention_layers(lm.model) if not layer.is_local(PRETRAINED)]
+    assert len(trace["steps"]) == 31  # the prefill's last query, then 30 decoding steps
+    for step, chosen in enumerate(trace["steps"]):
+        position = 69 + step
+        current = position // W
+        assert chosen.shape == (len(global_layers), lm.model.config.num_attention_heads, slots)
+        for row in chosen.reshape(-1, slots).tolist():
+            assert row[0] == 0 and row[-2:] == [current - 1, current]
+            assert row == sorted(set(row))  # distinct, in original order
+        # slot i starts at i * w, the query sits at (K - 1) * w + its offset: the farthest key is slot 0's first
+        assert (slots - 1) * W + position % W < A
+
+
+# --- local layers (Gemma 3) -----------------------------------------------------------------------------------------
+
+
+def attention_inputs_and_outputs(lm: LoadedModel, ids: torch.Tensor, method) -> dict[int, tuple]:
+    """Per attention layer: (hidden states in, position embeddings in, attention output) under `method`."""
+    seen = {}
+
+    def record(module, args, kwargs, output):
+        seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"], output[0])
+
+    hooks = [layer.module.register_forward_hook(record, with_kwargs=True) for layer in attention_layers(lm.model)]
+    try:
+        logits(lm, ids, method)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def own_attention(module, hidden_states, position_embeddings) -> torch.Tensor:
+    """The layer's own attention (sdpa) on these inputs, with its sliding-window mask written out."""
+    n = hidden_states.shape[1]
+    query, key = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    mask = (key <= query) & (key > query - module.sliding_window) if module.sliding_window else key <= query
+    with torch.no_grad():
+        return module(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=mask[None, None])[0]
+
+
+@pytest.mark.parametrize("make", [lambda **kw: lh(**kw), lambda **kw: SlidingWindow(sink_tokens=2, window_size=16, **kw)])
+def test_gemma3_sliding_layers_keep_their_own_attention(gemma, make):
+    ids = ids_of(100)
+    for replace in (False, True):
+        seen = attention_inputs_and_outputs(gemma, ids, make(replace_sliding_layers=replace))
+        for index, layer_type in enumerate(GEMMA_LAYER_TYPES):
+            hidden, position_embeddings, output = seen[index]
+            own = own_attention(gemma.model.model.layers[index].self_attn, hidden, position_embeddings)
+            kept = layer_type == "sliding_attention" and not replace
+            assert torch.allclose(output, own, atol=1e-5) == kept, (replace, index)
+
+
+def test_gemma3_caches_keep_only_the_window_of_local_layers(gemma):
+    ids = ids_of(100)
+    for method in (lh(), SlidingWindow(sink_tokens=2, window_size=16)):
+        with method(gemma), torch.no_grad():
+            cache = gemma.model(ids, use_cache=True).past_key_values
+        lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        global_length = 100 if isinstance(method, LongHeads) else 2 + 16 - 1
+        assert lengths == [global_length if kind == "full_attention" else LOCAL_WINDOW - 1 for kind in GEMMA_LAYER_TYPES]
+
+
+def test_a_model_of_only_sliding_layers_needs_replace_sliding_layers():
+    lm = build("mistral", sliding_window=LOCAL_WINDOW)  # Mistral v0.1: every layer slides
+    with pytest.raises(MethodError, match="replace_sliding_layers"):
+        lh().apply(lm)
+    assert lm.model.config._attn_implementation == "sdpa"
+    ids = ids_of(60)
+    method = lh(block_size=1, replace_sliding_layers=True)
+    prefill = logits(lm, ids, method)
+    with method(lm), torch.no_grad():
+        cache = method.new_cache(lm.model)
+        lm.model(ids[:, :40], past_key_values=cache)
+        steps = [lm.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(40, 60)]
+    assert all(layer.keys.shape[-2] == 60 for layer in cache.layers)  # LongHeads' layers keep every token
+    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 40:], atol=1e-4, rtol=1e-4)
+
+
+# --- no RoPE ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: PositionInterpolation(factor=2), lambda: NTKScaling(), lambda: SlidingWindow(), lambda: lh()],
+    ids=["pi", "ntk", "window", "longheads"],
+)
+def test_a_model_without_rope_gets_a_one_line_error(make):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = LoadedModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), None, "gpt2", 1024)
+    with pytest.raises(MethodError, match="RoPE") as error:
+        make().apply(gpt2)
+    assert "\n" not in str(error.value)
+    assert gpt2.model.config._attn_implementation == "sdpa"
+    assert not any(module._forward_pre_hooks for module in gpt2.model.modules())
+
+
+# --- real weights -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "longheads"])
+def test_gemma3_270m_finds_the_passkey_at_2k(gemma3_270m, method):
+    """Real weights: Gemma 3 270M, a 2k prompt; LongHeads with A = 1024 reads half of it through chosen chunks."""
+    from longctx.registry import build_method
+    from longctx.tasks.passkey import Passkey
+
+    task = Passkey(lengths=[2048], num_samples=1, depths=[0.3])
+    params = {"atten_length": 1024, "window_size": 128, "record_selection": True} if method == "longheads" else {}
+    applied = build_method(method, **params)
+    with applied(gemma3_270m):
+        metrics = task.run(gemma3_270m, on_sample=lambda record: None)
+        trace = applied.trace()
+    assert metrics["accuracy"] == 1.0
+    if method == "longheads":
+        assert trace["chosen"].shape[0] == 3  # the three global layers select; the fifteen local ones keep their window
+        needle_chunk = task.samples(gemma3_270m.tokenizer)[0].needle_token // 128
+        assert (trace["chosen"] == needle_chunk).any(axis=-1).mean() > 0.2
+
+
+UNSUPPORTED = {
+    "softcap": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**SHAPE, head_dim=16, attn_logit_softcapping=50.0)),
+    "half-split": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**SHAPE)),  # interleaved RoPE
+}
+
+
+@pytest.mark.parametrize("make", [lambda: SlidingWindow(), lambda: lh()], ids=["window", "longheads"])
+@pytest.mark.parametrize("feature", list(UNSUPPORTED))
+def test_attention_features_the_methods_lack_are_refused(make, feature):
+    """Gemma 2's logit soft-capping, Cohere's interleaved RoPE: refused, not silently computed wrong."""
+    lm = LoadedModel(UNSUPPORTED[feature]().eval(), None, feature, PRETRAINED)
+    implementation = lm.model.config._attn_implementation
+    with pytest.raises(MethodError, match=feature):
+        make().apply(lm)
+    assert lm.model.config._attn_implementation == implementation
