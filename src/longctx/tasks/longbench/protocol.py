@@ -67,10 +67,6 @@ def official_names() -> list[str]:
     return [name for name, spec in dataset_specs().items() if not spec.builtin]
 
 
-def builtin_names() -> list[str]:
-    return [name for name, spec in dataset_specs().items() if spec.builtin]
-
-
 def spec_for(dataset: str) -> DatasetSpec:
     """The protocol of a dataset name (a LongBench-E name uses its base dataset's); unknown names list the known."""
     specs = dataset_specs()
