@@ -18,6 +18,7 @@ from longctx.methods.longheads import LongHeads
 from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
 from longctx.methods.window import SlidingWindow
 from longctx.tasks.base import Task
+from longctx.tasks.longbench import LongBench, LongBenchV2
 from longctx.tasks.passkey import Passkey
 from longctx.tasks.pg19 import PG19Perplexity
 
@@ -32,6 +33,8 @@ METHODS: dict[str, type[Method]] = {
 TASKS: dict[str, type[Task]] = {
     "passkey": Passkey,
     "pg19": PG19Perplexity,
+    "longbench": LongBench,
+    "longbench_v2": LongBenchV2,
 }
 
 T = TypeVar("T")

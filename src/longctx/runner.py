@@ -47,8 +47,8 @@ def evaluate(
     This is the whole runner; the CLI only builds its arguments from the Hydra config. A run that raises (Ctrl-C
     included) leaves its folder marked failed in provenance.json, with no metrics.json.
     """
+    task.check(lm)  # bad input fails here, before a run folder or a wandb run exists; may settle task.max_length()
     method.check_length(lm, task.max_length())
-    task.check(lm)  # bad input fails here, before a run folder or a wandb run exists
     if out_dir is None:
         return _measure(lm, method, task, on_sample=lambda record: None)
     recorder = RunRecorder(

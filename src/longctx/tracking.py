@@ -178,6 +178,7 @@ class RunRecorder:
     def finish(self, metrics: dict[str, float], tables: dict[str, pd.DataFrame], figures: dict[str, Any]) -> None:
         for name, table in tables.items():
             table.to_csv(self.out_dir / f"{name}.csv", index=False)
+            (self.out_dir / f"{name}.md").write_text(table.to_markdown(index=False) + "\n")
         for name, figure in figures.items():
             self.log_figure(name, figure)
         self._predictions.close()
