@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
+
+import torch
 
 from longctx.models import LoadedModel
 
@@ -41,3 +44,31 @@ class Task:
     def tables(self) -> dict[str, Any]:
         """pandas DataFrames made from the last `run` (name -> DataFrame); the runner saves and logs them."""
         return {}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation, the seconds it took (prefill + decoding) and the peak GPU memory (None on a CPU)."""
+
+    text: str
+    seconds: float
+    peak_gpu_gib: float | None
+
+
+def greedy_generate(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int, **options: Any) -> Generation:
+    """Greedy decoding of `input_ids` [1, n] with whatever method is applied, timed and measured."""
+    on_cuda = lm.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(lm.device)
+        torch.cuda.synchronize(lm.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = lm.model.generate(
+            input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id, **options
+        )
+    if on_cuda:
+        torch.cuda.synchronize(lm.device)
+    seconds = time.perf_counter() - started
+    text = lm.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    peak = round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 3) if on_cuda else None
+    return Generation(text, round(seconds, 3), peak)

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from longctx.models import LoadedModel
-from longctx.tasks.base import SampleCallback, Task, TaskError
+from longctx.tasks.base import SampleCallback, Task, TaskError, greedy_generate
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -132,24 +130,10 @@ class Passkey(Task):
     def run(self, lm: LoadedModel, on_sample: SampleCallback) -> dict[str, float]:
         self._records = []
         prompts = self.samples(lm.tokenizer)
-        on_cuda = lm.device.type == "cuda"
         for index, prompt in enumerate(tqdm(prompts, desc="passkey", unit="sample")):
             input_ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids.to(lm.device)
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats(lm.device)
-                torch.cuda.synchronize(lm.device)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                output = lm.model.generate(
-                    input_ids,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=lm.tokenizer.eos_token_id,
-                )
-            if on_cuda:
-                torch.cuda.synchronize(lm.device)
-            seconds = time.perf_counter() - started
-            answer = lm.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+            generation = greedy_generate(lm, input_ids, self.max_new_tokens)
+            answer = generation.text
             record = {
                 "sample": index,
                 "length": self.lengths[index // self.num_samples],
@@ -160,8 +144,8 @@ class Passkey(Task):
                 "key": prompt.key,
                 "output": answer,
                 "correct": first_integer(answer) == prompt.key,
-                "seconds": round(seconds, 3),
-                "peak_gpu_gib": round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 3) if on_cuda else None,
+                "seconds": generation.seconds,
+                "peak_gpu_gib": generation.peak_gpu_gib,
             }
             self._records.append(record)
             on_sample(record)

@@ -10,7 +10,6 @@ the budget, so every prompt lands within `max_length` exactly (the kept text is 
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import yaml
 
 from longctx.models import LoadedModel
-from longctx.tasks.base import TaskError
+from longctx.tasks.base import Generation, TaskError, greedy_generate
 
 # conf/longbench/ at the repository root, beside the other config groups (this file is src/longctx/tasks/longbench/).
 CONF_DIR = Path(__file__).resolve().parents[4] / "conf" / "longbench"
@@ -170,33 +169,10 @@ def encode_prompt(
     return EncodedPrompt(frame.prefix + kept + frame.suffix, removed, *span)
 
 
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    seconds: float
-    peak_gpu_gib: float | None
-
-
 def generate(lm: LoadedModel, ids: list[int], max_new_tokens: int, stop_at_newline: bool = False) -> Generation:
     """Greedy decoding, as the passkey task and the official `pred.py` (num_beams=1, do_sample=False)."""
-    tokenizer = lm.tokenizer
-    input_ids = torch.tensor([ids], device=lm.device)
     options: dict[str, Any] = {}
     if stop_at_newline:  # pred.py's samsum case: stop at EOS or a newline, never before the first token
-        newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
-        options = {"eos_token_id": [tokenizer.eos_token_id, newline], "min_new_tokens": 1}
-    on_cuda = lm.device.type == "cuda"
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(lm.device)
-        torch.cuda.synchronize(lm.device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        output = lm.model.generate(
-            input_ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id, **options
-        )
-    if on_cuda:
-        torch.cuda.synchronize(lm.device)
-    seconds = time.perf_counter() - started
-    text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-    peak = round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 3) if on_cuda else None
-    return Generation(text, round(seconds, 3), peak)
+        newline = lm.tokenizer.encode("\n", add_special_tokens=False)[-1]
+        options = {"eos_token_id": [lm.tokenizer.eos_token_id, newline], "min_new_tokens": 1}
+    return greedy_generate(lm, torch.tensor([ids], device=lm.device), max_new_tokens, **options)
