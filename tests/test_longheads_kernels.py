@@ -127,7 +127,7 @@ def test_triton_block_selection_matches_torch_selection(params):
     assert torch.equal(got.long(), expected)
 
 
-@pytest.mark.parametrize("params", [p for p in CASES if p["block"] > 1], ids=lambda p: f"w{p['window']}b{p['block']}")
+@pytest.mark.parametrize("params", CASES, ids=lambda p: f"w{p['window']}b{p['block']}L{p['q_len']}")
 def test_torch_kernel_matches_reference(params):
     params = dict(params)
     block, rotary_half = params.pop("block"), params.pop("rotary_half", None)

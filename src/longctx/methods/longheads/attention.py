@@ -43,6 +43,8 @@ TORCH_WORKING_SET = 2**22
 SUMMARY_WORKING_SET = 2**23
 # queries selected and attended at once: bounds the float32 selection state of a long prefill
 QUERY_PIECE = 32768
+# the torch kernel serves runs of at least this many queries (block or per-token); shorter ones use the reference
+SLOT_KEYS_MIN_QUERIES = 16
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,8 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
                 )
             else:
                 chosen = block_selection(piece_query, summaries, piece, block, geometry, inv_freq)
-                fast = kernel == "torch" and block > 1 and key.device == query.device
+                # slot keys cost K rotations of the layer's cache: worth it for a prefill, not for one decoding step
+                fast = kernel == "torch" and key.device == query.device and rows.stop - rows.start >= SLOT_KEYS_MIN_QUERIES
                 attend = attend_slot_keys if fast else attend_reference
                 out_heads[:, :, rows] = attend(piece_query, key, value, chosen, piece, block, geometry, inv_freq, scaling)
             chosen_last = chosen[:, :, -1]
