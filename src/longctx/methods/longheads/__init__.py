@@ -34,8 +34,8 @@ class LongHeads(AttentionMethod):
         exact_tail: the last prefill queries always select per token: their outputs produce the answer.
         cpu_offload: keep the full key/value cache in host memory; only chosen chunks move to the accelerator.
         record_selection: keep the chunks chosen for the last query of every forward call (for heatmaps).
-        gather_budget: key vectors gathered at once by the reference kernel and the summaries; lower it if a long
-            prefill runs out of memory.
+        gather_budget: key vectors gathered at once by the reference kernel (the triton and torch kernels bound their
+            own working sets); lower it if a long prefill through kernel=reference runs out of memory.
         kernel: how the chosen chunks are attended: "triton" (fused GPU kernel), "torch" (stock torch, the CPU fast
             path), "reference" (the plain formulation), or "auto" (triton on CUDA when importable, else torch).
         rope_scaling: optional PI / NTK to combine with, e.g. {"name": "pi", "factor": 2.0}; then A may exceed
