@@ -119,7 +119,7 @@ def run_once(lm: LoadedModel, method, ids: torch.Tensor, prefill_chunk: int, dec
 
 def measure(lm: LoadedModel, spec: str, length: int, args, device: torch.device) -> dict:
     method = parse_method(spec, lm, length)
-    ids = torch.randint(0, lm.model.config.vocab_size, (1, length), device=device, generator=None)
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, length), device=device)
     prefills, decodes = [], []
     with method(lm), torch.inference_mode():
         run_once(lm, method, ids[:, : min(length, 4096)], args.prefill_chunk, 2)  # warm-up: kernels compiled, tables built
