@@ -47,7 +47,7 @@ def case(window, slots, dim, q_heads, kv_heads, kv_len, q_len, block, rotary_hal
     values = torch.randn(1, kv_heads, kv_len, dim, generator=generator).to(DEVICE, dtype)
     inv_freq = 1.0 / (1000.0 ** (torch.arange(rotary_half or dim // 2, dtype=torch.float32) / (rotary_half or dim // 2)))
     chosen = random_selection(q_start, q_len, block, window, slots, q_heads, seed).to(DEVICE)
-    geometry = Geometry(window, slots, slots * window, block, 0, 2**20, "auto")
+    geometry = Geometry(window, slots, slots * window, block, 0, 2**20)
     return query, keys, values, chosen, q_start, geometry, inv_freq.to(DEVICE)
 
 

@@ -70,9 +70,7 @@ class LongHeads(AttentionMethod):
             raise MethodError(f"longheads block_size ({self.block_size}) must divide window_size ({w})")
         if self.kernel not in KERNELS:
             raise MethodError(f"longheads kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
-        self.geometry = Geometry(
-            w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget, self.kernel
-        )
+        self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
         self._rope_method: Method | None = None
         self.active_cache: LongHeadsCache | None = None
         self._shift_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

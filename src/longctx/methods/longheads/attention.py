@@ -57,7 +57,6 @@ class Geometry:
     block: int  # queries sharing one selection in prefill (1 = per token)
     exact_tail: int  # last prefill queries that always select per token
     gather_budget: int  # key vectors gathered at once by the reference kernel; bounds its working memory
-    kernel: str  # triton, torch, reference or auto (attention.py's docstring)
 
 
 def chunk_summaries(
@@ -322,7 +321,7 @@ def longheads_attention(module, query, key, value, attention_mask, scaling=None,
     batch, q_heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     q_start = kv_len - q_len
-    kernel = resolve_kernel(geometry.kernel, query.device)
+    kernel = resolve_kernel(method.kernel, query.device)
 
     extend_summaries(cache.layer_summaries(module.layer_idx), query, key, value, geometry, inv_freq, scaling)
     out = torch.empty(batch, q_len, q_heads, dim, dtype=query.dtype, device=query.device)  # the layout the model wants
