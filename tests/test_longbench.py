@@ -19,6 +19,7 @@ from conftest import tiny_llama
 from longctx.models import LoadedModel, embedded_model_dir
 from longctx.registry import build_method, build_task
 from longctx.runner import evaluate
+from longctx.tracking import read_provenance
 from longctx.tasks.base import TaskError
 from longctx.tasks.longbench import LongBench, LongBenchV2, data, metrics
 from longctx.tasks.longbench.builtin import BUILTIN_DATASETS, SuiteBuilder, hotpotqa, squad
@@ -298,17 +299,25 @@ def test_official_folder_runs_end_to_end(tiny_lm, official_folder, tmp_path, sho
     assert (run_dir / "scores_by_length_bucket.csv").is_file()
 
 
-def test_builtin_suite_runs_end_to_end_with_depth_figure(tiny_lm, tmp_path, short_answers):
+def test_builtin_suite_runs_end_to_end_with_depth_figure(tiny_lm, tmp_path, short_answers, monkeypatch):
+    for variable in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
     task = LongBench(source="builtin", lengths=[768], num_questions=2, datasets=["squad_retrieval", "squad_count"])
     run_dir = tmp_path / "run"
+    # wandb offline, the CLI's default: its tables take only flat string column names
     result = evaluate(tiny_lm, build_method("longheads", window_size=16, atten_length=64, block_size=4), task,
-                      out_dir=run_dir, wandb_mode="disabled")
+                      out_dir=run_dir, wandb_mode="offline", wandb_dir=tmp_path)
+    assert read_provenance(run_dir)["status"] == "finished"
     assert set(result) >= {"squad_retrieval@768", "squad_count@768", "average@768", "seconds@768"}
     records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["prompt_tokens"] <= 768 and r["truncated_tokens"] == 0 for r in records)
     retrieval = [r for r in records if r["dataset"] == "squad_retrieval"]
     assert all(r["needle_token"] is not None and r["depth"] in (0.25, 0.75) for r in retrieval)
-    assert (run_dir / "score_by_depth_squad_retrieval.png").is_file() and (run_dir / "score_by_depth.csv").is_file()
+    assert (run_dir / "score_by_depth_squad_retrieval.png").is_file()
+    by_depth = pd.read_csv(run_dir / "score_by_depth.csv")
+    assert list(by_depth.columns) == ["depth_bin", "dataset", "length", "score"]
+    assert set(by_depth.dataset) == {"squad_retrieval"} and set(by_depth.depth_bin) == {0.2, 0.7}
 
 
 def write_v2(path: Path) -> Path:

@@ -304,3 +304,19 @@ def test_launcher_configs_compose_on_their_plugins(launcher, plugin, settings):
         cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.startswith(plugin)
     assert {key: cfg.hydra.launcher[key] for key in settings} == settings
+
+
+def test_per_dataset_cells_count_that_datasets_answers(tmp_path):
+    run_dir = tmp_path / "2026-01-01"
+    run_dir.mkdir()
+    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": "full"},
+              "task": {"name": "longbench", "lengths": [8192]}, "seed": 0}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "metrics.json").write_text(json.dumps({"qa@8192": 50.0, "count@8192": 0.0, "average@8192": 25.0}))
+    answers = [("qa", 1.0), ("qa", 0.0), ("count", 0.0)]
+    (run_dir / "predictions.jsonl").write_text("".join(
+        json.dumps({"length": 8192, "dataset": dataset, "score": score}) + "\n" for dataset, score in answers))
+    runs = aggregate.load_runs(tmp_path)
+    assert aggregate.table(runs, "longbench", "qa").loc["full", 8192] == "50 (2)"
+    assert aggregate.table(runs, "longbench", "count").loc["full", 8192] == "0 (1)"
+    assert aggregate.table(runs, "longbench", "average").loc["full", 8192] == "25 (3)"

@@ -57,9 +57,10 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
             if "@" in key:
                 metric, length = key.split("@", 1)
                 per_length.setdefault(int(length), {})[metric] = value
-        samples = _samples_per_length(run_dir / "predictions.jsonl")
+        samples, per_dataset = _sample_counts(run_dir / "predictions.jsonl")
         for length, values in per_length.items():
-            rows.append({**base, "length": length, "n": samples.get(length, values.get("segments")), **values})
+            dataset_counts = {f"n.{dataset}": count for (at, dataset), count in per_dataset.items() if at == length}
+            rows.append({**base, "length": length, "n": samples.get(length, values.get("segments")), **dataset_counts, **values})
     return pd.DataFrame(rows)
 
 
@@ -75,11 +76,15 @@ def incomplete_runs(*roots: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "status", "error"])
 
 
-def _samples_per_length(predictions: Path) -> dict[int, int]:
-    if not predictions.exists():
-        return {}
-    lengths = [json.loads(line)["length"] for line in predictions.read_text().splitlines() if line.strip()]
-    return pd.Series(lengths, dtype="int64").value_counts().to_dict()
+def _sample_counts(predictions: Path) -> tuple[dict[int, int], dict[tuple[int, str], int]]:
+    """Predictions per length, and per (length, dataset) for tasks whose metrics are per dataset (LongBench)."""
+    records = pd.DataFrame([json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+                           if predictions.exists() else [])
+    if records.empty:
+        return {}, {}
+    per_length = records["length"].astype("int64").value_counts().to_dict()
+    per_dataset = records.groupby(["length", "dataset"]).size().to_dict() if "dataset" in records else {}
+    return per_length, per_dataset
 
 
 def label_methods(runs: pd.DataFrame) -> pd.Series:
@@ -112,12 +117,13 @@ def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, 
 
 def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
     """Methods (rows, with model / device / dtype columns) x lengths (columns) of `metric`, the sample count in
-    brackets; newest run wins a tie. A method measured on two machines gets two rows, unless `merge_machines`: then
+    brackets (for a per-dataset metric, that dataset's count); newest run wins a tie. A method measured on two machines gets two rows, unless `merge_machines`: then
     one row whose every cell names the machine that made it."""
     selected = latest(runs, task, metric, seed, merge_machines)
 
     def cell(row) -> str:
-        text = f"{row[metric]:.3g} ({int(row['n'])})" if pd.notna(row["n"]) else f"{row[metric]:.3g}"
+        count = row.get(f"n.{metric}", row["n"])
+        text = f"{row[metric]:.3g} ({int(count)})" if pd.notna(count) else f"{row[metric]:.3g}"
         return f"{text} {row['device']} {row['dtype']}" if merge_machines else text
 
     cells = selected.apply(cell, axis=1).unstack("length").fillna("")

@@ -191,8 +191,7 @@ class RunRecorder:
             if self._rows:
                 self.wandb_run.log({"predictions": wandb.Table(dataframe=pd.DataFrame(self._rows).astype(str))})
             for name, table in tables.items():
-                # column names as strings: pivot tables have int columns (lengths) that wandb cannot serialise
-                self.wandb_run.log({name: wandb.Table(dataframe=table.rename(columns=str).astype(str))})
+                self.wandb_run.log({name: wandb.Table(dataframe=_with_string_columns(table).astype(str))})
             self.wandb_run.finish()
 
     def fail(self, error: BaseException) -> None:
@@ -207,6 +206,13 @@ class RunRecorder:
     def _end(self, status: str, error: str | None) -> None:
         self.provenance.update(status=status, error=error, ended=_now())
         write_json(self.out_dir / PROVENANCE_FILE, self.provenance)
+
+
+def _with_string_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """wandb.Table takes only str / int column names: pivot tables have int lengths and (dataset, length) tuples."""
+    names = ["@".join(str(part) for part in column if part != "") if isinstance(column, tuple) else str(column)
+             for column in table.columns]
+    return table.set_axis(names, axis="columns")
 
 
 def _to_yaml(config: dict[str, Any]) -> str:

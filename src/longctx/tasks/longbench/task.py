@@ -248,7 +248,9 @@ class LongBench(Task):
                 [{"dataset": dataset, "bucket": bucket, "score": value} for (dataset, bucket), value in buckets.items()]
             )
         if frame.depth.notna().any():
-            tables["score_by_depth"] = self.score_by_depth().reset_index()
+            # long form (one row per depth bin, dataset, length): flat columns for the CSV, pandas and wandb
+            tables["score_by_depth"] = self.score_by_depth().stack(["dataset", "length"], future_stack=True).dropna() \
+                .rename("score").reset_index()
         return tables
 
     def score_by_depth(self, bins: int = 10) -> pd.DataFrame:
