@@ -29,6 +29,14 @@ def tiny() -> LoadedModel:
     return tiny_llama()
 
 
+@pytest.fixture
+def wandb_sandbox(tmp_path, monkeypatch):
+    """wandb's directories inside the test's tmp_path and its console output off, so offline runs touch nothing else."""
+    for variable in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """The embedded SmolLM2-135M (real weights), loaded once per session on CPU."""

@@ -307,11 +307,8 @@ def test_runner_with_longheads_draws_chunk_selection_and_restores_the_model(tiny
         torch.testing.assert_close(tiny_lm.model(ids).logits, before)  # the method was removed on exit
 
 
-def test_runner_writes_a_wandb_offline_run(tiny_lm, tmp_path, monkeypatch):
-    for variable in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+def test_runner_writes_a_wandb_offline_run(tiny_lm, tmp_path, monkeypatch, wandb_sandbox):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     task = Passkey(lengths=[256], num_samples=2, max_new_tokens=3)
     evaluate(tiny_lm, build_method("full"), task, out_dir=run_dir, wandb_mode="offline", wandb_dir=tmp_path)

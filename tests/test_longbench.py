@@ -299,10 +299,7 @@ def test_official_folder_runs_end_to_end(tiny_lm, official_folder, tmp_path, sho
     assert (run_dir / "scores_by_length_bucket.csv").is_file()
 
 
-def test_builtin_suite_runs_end_to_end_with_depth_figure(tiny_lm, tmp_path, short_answers, monkeypatch):
-    for variable in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_builtin_suite_runs_end_to_end_with_depth_figure(tiny_lm, tmp_path, short_answers, wandb_sandbox):
     task = LongBench(source="builtin", lengths=[768], num_questions=2, datasets=["squad_retrieval", "squad_count"])
     run_dir = tmp_path / "run"
     # wandb offline, the CLI's default: its tables take only flat string column names

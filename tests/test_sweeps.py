@@ -278,10 +278,7 @@ def test_notebook_executes_on_run_folders(tmp_path, tiny_dir, monkeypatch):
     assert "longheads" in text and "cpu" in text and "float32" in text  # tables name the machine of each row
 
 
-def test_wandb_run_is_grouped_flat_and_marked_failed(tmp_path, monkeypatch):
-    for variable in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_wandb_run_is_grouped_flat_and_marked_failed(tmp_path, wandb_sandbox):
     config = {"model": {"name": "tiny"}, "method": {"name": "full"}, "task": {"name": "passkey", "lengths": [256]}}
     environment = {"device": "cpu", "dtype": "float32", "gpu": None}
     recorder = RunRecorder(tmp_path / "run", config, environment, wandb_mode="offline", wandb_dir=tmp_path,

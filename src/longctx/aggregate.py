@@ -117,8 +117,8 @@ def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, 
 
 def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
     """Methods (rows, with model / device / dtype columns) x lengths (columns) of `metric`, the sample count in
-    brackets (for a per-dataset metric, that dataset's count); newest run wins a tie. A method measured on two machines gets two rows, unless `merge_machines`: then
-    one row whose every cell names the machine that made it."""
+    brackets (for a per-dataset metric, that dataset's count); newest run wins a tie. A method measured on two
+    machines gets two rows, unless `merge_machines`: then one row whose every cell names the machine that made it."""
     selected = latest(runs, task, metric, seed, merge_machines)
 
     def cell(row) -> str:
