@@ -13,6 +13,26 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from longctx.models import LoadedModel  # noqa: E402
 
 
+def rounding_tolerance(output: torch.Tensor, chain: int) -> float:
+    """How far two evaluations of one function may differ in `output`'s dtype from rounding alone.
+
+    Each of `chain` dependent roundings (the terms summed along the longest path from input to output, see
+    `model_chain`) is off by at most the unit roundoff u = eps / 2, relative to the values it combines; Higham's
+    worst case for the whole chain is gamma_n = n u / (1 - n u) of the largest magnitude, here taken as the output's.
+    Both evaluations err, hence twice that. A figure of the dtype and the computation's size, not of one machine:
+    it holds for any summation order a BLAS or SDPA kernel picks.
+    """
+    unit_roundoff = torch.finfo(output.dtype).eps / 2
+    gamma = chain * unit_roundoff / (1 - chain * unit_roundoff)
+    return 2 * gamma * float(output.abs().max())
+
+
+def model_chain(config, tokens: int) -> int:
+    """Roundings on the longest path through a decoder of this config over `tokens` tokens: per layer the projections'
+    and the MLP's dot products (hidden, intermediate terms) and the attention's sum over keys; then the LM head."""
+    return config.num_hidden_layers * (2 * config.hidden_size + config.intermediate_size + tokens) + config.hidden_size
+
+
 def tiny_llama(max_positions: int = 256, seed: int = 0, tokenizer=None, **config) -> LoadedModel:
     """A 2-layer random Llama with GQA (4 query heads over 2 KV heads): fast, and exercises every code path."""
     torch.manual_seed(seed)

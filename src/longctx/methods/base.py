@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
@@ -17,6 +18,28 @@ from longctx.models import LoadedModel
 
 class MethodError(ValueError):
     """A method cannot serve this model or this length; the message says what to change."""
+
+
+# The keyword a model's forward takes its KV cache under: transformers 5.24 renamed `past_key_values` to `cache`
+# (the old name still works, with a warning, until 5.40). Callers may pass either; the decoder gets the one it takes.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword under which `model.forward` takes its KV cache in the installed transformers."""
+    parameters = inspect.signature(model.forward).parameters  # follows the deprecation wrapper's __wrapped__
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), "past_key_values")
+
+
+def with_cache(model: torch.nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
+    """`model(ids, **with_cache(model, cache))`: pass a cache under whichever name this transformers takes."""
+    return {cache_argument(model): cache}
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache a forward call or `generate()` returned (a `ModelOutput`): `output.cache` from transformers 5.24,
+    `output.past_key_values` before."""
+    return next((output[name] for name in CACHE_ARGUMENTS if output.get(name) is not None), None)
 
 
 def causal_attention(
@@ -134,34 +157,39 @@ class AttentionMethod(Method):
 
         AttentionInterface.register(self.attention_name, attention)
         # on the decoder, not the LM wrapper: tasks that call the decoder directly (perplexity) pass through it too
-        hook = model.get_decoder().register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        decoder = model.get_decoder()
+        self._cache_argument = cache_argument(decoder)
+        hook = decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        # transformers has a public setter (set_attn_implementation) but no public getter for the one in use
         self._installed = (model.config._attn_implementation, hook, [layer.module for layer in acted])
         acted_indices = {layer.index for layer in acted}
         # layers left alone (index -> window): a method's cache keeps only their window, as the model's own does
         self.local_windows = {layer.index: layer.sliding_window for layer in layers if layer.index not in acted_indices}
         self._replaced_sliding = [layer.index for layer in acted if layer.sliding_window is not None]
-        model.config._attn_implementation = self.attention_name
+        model.set_attn_implementation(self.attention_name)
 
     def remove(self, lm: LoadedModel) -> None:
         implementation, hook, modules = self._installed
-        lm.model.config._attn_implementation = implementation
+        lm.model.set_attn_implementation(implementation)
         hook.remove()
         for module in modules:
             del module.longctx_method, module.longctx_inv_freq
-        del self._installed, self.local_windows, self._replaced_sliding
+        del self._installed, self.local_windows, self._replaced_sliding, self._cache_argument
 
     def _before_forward(self, decoder, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise MethodError(f"{self.name} does not support padded batches; run one sequence (or equal lengths) at a time")
-        cache = self.prepare_cache(decoder.config, kwargs.get("past_key_values"), kwargs.get("use_cache"))
+        passed = [kwargs.pop(name, None) for name in CACHE_ARGUMENTS]
+        cache = next((cache for cache in passed if cache is not None), None)
+        cache = self.prepare_cache(decoder.config, cache, kwargs.get("use_cache"))
         for index in self._replaced_sliding if cache is not None else ():
             # A sliding layer this method replaces must keep every token: the model's own cache would cut it to its window.
             if getattr(cache.layers[index], "is_sliding", False):
                 if cache.layers[index].is_initialized:
                     raise MethodError(f"{self.name} replaces sliding layer {index}, whose cache already dropped tokens")
                 cache.layers[index] = DynamicLayer()
-        kwargs["past_key_values"] = cache
+        kwargs[self._cache_argument] = cache
         return args, kwargs
 
 

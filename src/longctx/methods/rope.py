@@ -93,14 +93,14 @@ def attention_layers(model: PreTrainedModel) -> list[AttentionLayer]:
         if any(name.endswith("inv_freq") for name, _ in m.named_buffers(recurse=False))
     ]
     AttentionInterface.register(PROBE_ATTENTION, probe_attention)
-    implementation = model.config._attn_implementation
-    model.config._attn_implementation = PROBE_ATTENTION
+    implementation = model.config._attn_implementation  # no public getter; the setter below is public
+    model.set_attn_implementation(PROBE_ATTENTION)
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
             model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
     finally:
-        model.config._attn_implementation = implementation
+        model.set_attn_implementation(implementation)
         for hook in hooks:
             hook.remove()
 

@@ -137,7 +137,7 @@ class LongHeads(AttentionMethod):
         """Every sequence carries a LongHeadsCache, even with use_cache=False: the summaries live there."""
         if not isinstance(cache, LongHeadsCache):
             if cache is not None and cache.get_seq_length() > 0:
-                raise MethodError("longheads needs its own cache: pass past_key_values=method.new_cache(model) or none")
+                raise MethodError("longheads needs its own cache: pass method.new_cache(model) as the cache, or none")
             cache = self._fresh_cache(config)
         self.active_cache = cache
         return cache
