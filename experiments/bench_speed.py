@@ -30,6 +30,7 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from longctx.methods.base import with_cache
 from longctx.models import LoadedModel
 from longctx.registry import build_method
 
@@ -105,13 +106,13 @@ def run_once(lm: LoadedModel, method, ids: torch.Tensor, prefill_chunk: int, dec
     synchronize(device)
     started = time.perf_counter()
     for first in range(0, ids.shape[1], prefill_chunk or ids.shape[1]):
-        hidden = model.model(ids[:, first : first + (prefill_chunk or ids.shape[1])], past_key_values=cache).last_hidden_state
+        hidden = model.model(ids[:, first : first + (prefill_chunk or ids.shape[1])], **with_cache(model.model, cache)).last_hidden_state
     synchronize(device)
     prefill = time.perf_counter() - started
     token = ids[:, -1:]
     started = time.perf_counter()
     for _ in range(decode_tokens):
-        hidden = model.model(token, past_key_values=cache).last_hidden_state
+        hidden = model.model(token, **with_cache(model.model, cache)).last_hidden_state
     synchronize(device)
     del hidden, cache
     return prefill, (time.perf_counter() - started) / max(1, decode_tokens)

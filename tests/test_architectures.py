@@ -15,7 +15,7 @@ import transformers
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from longctx.methods.base import MethodError
+from longctx.methods.base import MethodError, output_cache, with_cache
 from longctx.methods.longheads import LongHeads
 from longctx.methods.rope import attention_layers, rotate
 from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
@@ -95,11 +95,12 @@ def layer_keys(lm: LoadedModel, ids: torch.Tensor, shift: int) -> dict[int, torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("capture_keys", capture)
-    previous, lm.model.config._attn_implementation = lm.model.config._attn_implementation, "capture_keys"
+    previous = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("capture_keys")
     try:
         logits(lm, ids, position_ids=shift + torch.arange(ids.shape[1])[None])
     finally:
-        lm.model.config._attn_implementation = previous
+        lm.model.set_attn_implementation(previous)
     return keys
 
 
@@ -203,8 +204,8 @@ def test_longheads_past_atten_length_decodes_as_it_prefills_within_range(lm):
     prefill = logits(lm, ids, method)
     with method(lm), torch.no_grad():
         cache = method.new_cache(lm.model)
-        lm.model(ids[:, :70], past_key_values=cache)  # 70: mid-chunk, past the selective start
-        steps = [lm.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(70, 100)]
+        lm.model(ids[:, :70], **with_cache(lm.model, cache))  # 70: mid-chunk, past the selective start
+        steps = [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(70, 100)]
         trace = method.trace()
     torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 70:], atol=1e-4, rtol=1e-4)
     slots = A // W
@@ -265,7 +266,7 @@ def test_gemma3_caches_keep_only_the_window_of_local_layers(gemma):
     ids = ids_of(100)
     for method in (lh(), SlidingWindow(sink_tokens=2, window_size=16)):
         with method(gemma), torch.no_grad():
-            cache = gemma.model(ids, use_cache=True).past_key_values
+            cache = output_cache(gemma.model(ids, use_cache=True))
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
         global_length = 100 if isinstance(method, LongHeads) else 2 + 16 - 1
         assert lengths == [global_length if kind == "full_attention" else LOCAL_WINDOW - 1 for kind in GEMMA_LAYER_TYPES]
@@ -281,8 +282,8 @@ def test_a_model_of_only_sliding_layers_needs_replace_sliding_layers():
     prefill = logits(lm, ids, method)
     with method(lm), torch.no_grad():
         cache = method.new_cache(lm.model)
-        lm.model(ids[:, :40], past_key_values=cache)
-        steps = [lm.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(40, 60)]
+        lm.model(ids[:, :40], **with_cache(lm.model, cache))
+        steps = [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(40, 60)]
     assert all(layer.keys.shape[-2] == 60 for layer in cache.layers)  # LongHeads' layers keep every token
     torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 40:], atol=1e-4, rtol=1e-4)
 

@@ -9,7 +9,7 @@ import torch
 from conftest import model_chain, rounding_tolerance, tiny_llama
 
 from longctx.methods import window as window_module
-from longctx.methods.base import MethodError
+from longctx.methods.base import MethodError, output_cache, with_cache
 from longctx.methods.rope import rotate
 from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
 from longctx.methods.window import SinkWindowCache, SlidingWindow, window_attention
@@ -220,10 +220,10 @@ def test_window_prefill_in_blocks_and_decode_agree(lm, monkeypatch):
         monkeypatch.undo()
         with torch.no_grad():
             out = lm.model(ids[:, :20], use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             steps = [out.logits[:, -1]]
             for t in range(20, 59):
-                steps.append(lm.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+                steps.append(lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1])
     assert isinstance(cache, SinkWindowCache) and cache.get_seq_length() == 59
     assert all(layer.keys.shape[-2] == 2 + 8 - 1 for layer in cache.layers)  # sinks + W - 1, whatever the length
     torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 19:59], atol=1e-4, rtol=1e-4)
@@ -237,7 +237,7 @@ def test_window_greedy_generate_matches_prefill(lm):
                 prompt, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
         prefill = logits(lm, generated.sequences, use_cache=False)
-    cache = generated.past_key_values
+    cache = output_cache(generated)
     assert isinstance(cache, SinkWindowCache) and all(layer.keys.shape[-2] == 9 for layer in cache.layers)
     torch.testing.assert_close(torch.stack(generated.logits, dim=1), prefill[:, 19:49], atol=1e-4, rtol=1e-4)
     assert torch.equal(generated.sequences[:, 20:], prefill[:, 19:49].argmax(-1))

@@ -237,16 +237,27 @@ def test_cli_unknown_method_names_the_options_without_a_traceback():
 
 
 @pytest.mark.parametrize(
-    "override, message",
-    [("task.lengths=[10]", "length 10"), ("model=hf", "needs model.path")],
+    "overrides, message",
+    [
+        (["task.lengths=[10]"], "length 10"),
+        (["task.lengths=abc"], "task.lengths must be a list of int"),
+        (["model=hf"], "needs model.path"),
+        (["task=pg19", "task.source=folder", "task.path={empty}"], "no non-empty .txt books"),
+        (["method=longheads", "method.kernel=triton"], "kernel=triton needs a CUDA device"),  # model.device=cpu
+    ],
 )
-def test_cli_bad_input_is_a_one_line_error(tmp_path, override, message):
-    result = run_cli(override, "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
+def test_cli_bad_input_is_a_one_line_error(tmp_path, overrides, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not a book")
+    overrides = [override.format(empty=tmp_path / "empty") for override in overrides]
+    result = run_cli(*overrides, "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == errors[0]
+    # before any work: the run folder holds only Hydra's own files, no config, provenance or predictions of ours
+    assert not any((tmp_path / "run" / name).exists() for name in ("config.yaml", "provenance.json", "predictions.jsonl"))
 
 
 # --- the runner end to end on a tiny random Llama ---------------------------------------------------------------

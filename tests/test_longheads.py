@@ -5,8 +5,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import tiny_llama
-from longctx.methods.base import MethodError
+from conftest import model_chain, rounding_tolerance, tiny_llama
+from longctx.models import LoadedModel
+from longctx.methods.base import MethodError, with_cache
 from longctx.methods.longheads import LongHeads
 
 W, A = 16, 64  # chunk length and attended tokens on the tiny model: K = 4 slots, selection from position 64 on
@@ -95,11 +96,11 @@ def test_token_level_prefill_equals_plain_reference(tiny, ids):
 
     AttentionInterface.register("longheads_reference", reference)
     previous = tiny.model.config._attn_implementation
-    tiny.model.config._attn_implementation = "longheads_reference"
+    tiny.model.set_attn_implementation("longheads_reference")
     try:
         expected = logits(tiny, ids)
     finally:
-        tiny.model.config._attn_implementation = previous
+        tiny.model.set_attn_implementation(previous)
     got = logits(tiny, ids, lh(block_size=1))
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
@@ -144,9 +145,60 @@ def test_decoding_equals_prefill_at_same_position(tiny, ids):
     full_prefill = logits(tiny, ids, method)
     with method(tiny), torch.no_grad():
         cache = method.new_cache(tiny)
-        tiny.model(ids[:, :130], past_key_values=cache)  # 130: mid-chunk, past the selective start
-        steps = [tiny.model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1] for t in range(130, SEQ)]
+        tiny.model(ids[:, :130], **with_cache(tiny.model, cache))  # 130: mid-chunk, past the selective start
+        steps = [tiny.model(ids[:, t : t + 1], **with_cache(tiny.model, cache)).logits[:, -1] for t in range(130, SEQ)]
     assert torch.allclose(torch.stack(steps, dim=1), full_prefill[:, 130:], atol=1e-5)
+
+
+@pytest.fixture
+def sharp() -> LoadedModel:
+    """Weights large enough that the context moves the logits: a mixed-up cache shows."""
+    return tiny_llama(initializer_range=0.2)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "reference"])
+def test_batch_of_two_equals_two_single_runs(sharp, kernel):
+    """Two equal-length sequences in one batch: each gets its own chunk selection, in prefill and in decoding."""
+    tiny = sharp
+    ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    method = lh(kernel=kernel)  # block selection in the bulk of the prefill, per token in its tail and in decoding
+
+    def prefill_then_decode(batch: torch.Tensor) -> torch.Tensor:
+        cache = method.new_cache(tiny)
+        prefill = tiny.model(batch[:, :150], **with_cache(tiny.model, cache)).logits
+        steps = [tiny.model(batch[:, t : t + 1], **with_cache(tiny.model, cache)).logits for t in range(150, SEQ)]
+        return torch.cat([prefill, *steps], dim=1)
+
+    with method(tiny), torch.no_grad():
+        together = prefill_then_decode(ids)
+        alone = torch.cat([prefill_then_decode(ids[b : b + 1]) for b in range(2)])
+    # the same arithmetic per sequence; a batched matmul may only sum in another order
+    tolerance = rounding_tolerance(alone, model_chain(tiny.model.config, SEQ))
+    torch.testing.assert_close(together, alone, atol=tolerance, rtol=0)
+    assert (together[0] - together[1]).abs().max() > 100 * tolerance  # two different sequences, not one copied
+
+
+def test_beam_search_scores_equal_each_beams_own_prefill(sharp, ids):
+    """Beam search reorders the cache every step: the keys and the chunk summaries must follow their beam. Each
+    returned beam's score (the sum of its tokens' log-probabilities, length_penalty 0) must then equal what a LongHeads
+    prefill of that beam's whole sequence gives (per-token selection: decoding equals prefill). With the cache left in
+    its old order the scores were off by 1.9."""
+    tiny = sharp
+    method = lh(block_size=1)
+    prompt = ids[:, :150]
+    with method(tiny), torch.no_grad():
+        out = tiny.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), num_beams=3, num_return_sequences=3, do_sample=False,
+            max_new_tokens=12, min_new_tokens=12, length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+        )
+        rescored = []
+        for sequence in out.sequences:
+            log_probs = tiny.model(sequence[None]).logits[0].log_softmax(dim=-1)
+            rescored.append(sum(log_probs[t - 1, sequence[t]] for t in range(150, sequence.shape[0])))
+    assert len({tuple(sequence.tolist()) for sequence in out.sequences}) == 3
+    # 12 log-softmax values, each within the model's rounding bound
+    tolerance = 12 * rounding_tolerance(torch.stack(rescored), model_chain(tiny.model.config, SEQ))
+    torch.testing.assert_close(out.sequences_scores, torch.stack(rescored), atol=tolerance, rtol=0)
 
 
 def test_cpu_offload_gives_same_logits(tiny, ids):
@@ -155,7 +207,7 @@ def test_cpu_offload_gives_same_logits(tiny, ids):
     assert torch.allclose(logits(tiny, ids, method), expected, atol=1e-6)
     with method(tiny), torch.no_grad():
         cache = method.new_cache(tiny)
-        tiny.model(ids[:, :150], past_key_values=cache)
+        tiny.model(ids[:, :150], **with_cache(tiny.model, cache))
         assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
         assert all(layer.host for layer in cache.layers)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from longctx.methods.base import with_cache
 from longctx.methods.longheads import LongHeads
 from longctx.methods.longheads.attention import Geometry, attend_reference, attend_slot_keys, block_selection
 from longctx.methods.longheads.triton_kernel import (
@@ -165,11 +166,11 @@ def test_decoding_writes_in_place_and_the_cache_grows_geometrically():
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
     with method(lm), torch.no_grad():
         cache = method.new_cache(lm)
-        lm.model(ids, past_key_values=cache)
+        lm.model(ids, **with_cache(lm.model, cache))
         layer = cache.layers[0]
         capacities, pointers = [layer.key_store.shape[-2]], [layer.key_store.data_ptr()]
         for token in range(200):
-            lm.model(ids[:, token % 100 : token % 100 + 1], past_key_values=cache)
+            lm.model(ids[:, token % 100 : token % 100 + 1], **with_cache(lm.model, cache))
             capacities.append(layer.key_store.shape[-2])
             pointers.append(layer.key_store.data_ptr())
     assert layer.keys.shape[-2] == 300 and layer.keys.data_ptr() == layer.key_store.data_ptr()

@@ -129,6 +129,12 @@ def test_provenance_is_present_and_true(tiny_dir, tmp_path):
     assert provenance["versions"]["torch"] == torch.__version__
     assert provenance["versions"]["transformers"] == transformers.__version__
     assert provenance["versions"]["longctx"]
+    # the whole stack, as `pip freeze` would list it, so a run can be compared with the lock (constraints.txt)
+    from importlib import metadata
+
+    assert provenance["packages"]["transformers"] == metadata.version("transformers")
+    assert provenance["packages"]["torch"] == metadata.version("torch")
+    assert len(provenance["packages"]) == len({dist.metadata["Name"].lower() for dist in metadata.distributions()})
     assert provenance["started"] <= provenance["ended"]
     assert provenance["command"] and len(provenance["config_hash"]) == 16
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 3

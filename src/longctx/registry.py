@@ -7,8 +7,10 @@ same values. Experiments (conf/experiment/) hold only overrides.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, Field, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 
@@ -52,7 +54,45 @@ def _build(kind: str, registry: dict[str, type[T]], name: str, params: dict[str,
     unknown = sorted(set(params) - valid)
     if unknown:
         raise RegistryError(f"{kind} {name!r} has no parameter {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    hints = get_type_hints(cls)
+    for key, value in params.items():
+        if not _matches(value, hints[key]):
+            raise RegistryError(f"{kind}.{key} must be {_describe(hints[key])}; got {value!r}")
     return cls(**params)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value (from Hydra: str, int, float, bool, None, lists, dicts) fits a field's annotation."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence):
+        return isinstance(value, Sequence) and not isinstance(value, str) and all(_matches(v, args[0]) for v in value) if args else True
+    if origin in (dict, Mapping) or hint is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    """A field's annotation as a user reads it: `list of int`, `float or null`."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple, Sequence):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
 
 
 def build_method(name: str, **params: Any) -> Method:

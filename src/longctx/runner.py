@@ -111,6 +111,7 @@ def run_from_config(cfg, wandb_group: str | None = None) -> tuple[dict[str, floa
     model_cfg.pop("name")
     config = OmegaConf.to_container(cfg, resolve=True)
     device = resolve_device(model_cfg["device"])
+    method.check_device(device)
     digest = config_hash(config, device.type, str(resolve_dtype(model_cfg["dtype"], device)).removeprefix("torch."))
     finished = None if cfg.force else find_finished(Path(cfg.output_dir).parent, digest)
     if finished is not None:

@@ -55,6 +55,16 @@ def git_state(path: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+# the packages whose version can move a figure (besides python and torch): shown first in provenance.json
+RESULT_PACKAGES = ("transformers", "tokenizers", "accelerate", "triton", "numpy", "datasets", "longctx")
+
+
+def installed_packages() -> dict[str, str]:
+    """name -> version of every distribution installed in this environment, sorted by name."""
+    found = {dist.metadata["Name"].lower(): dist.version for dist in metadata.distributions() if dist.metadata["Name"]}
+    return dict(sorted(found.items()))
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -77,9 +87,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda if on_cuda else None,
-            "transformers": _version("transformers"),
-            "longctx": _version("longctx"),
+            **{package: _version(package) for package in RESULT_PACKAGES},
         },
+        # every installed distribution: the whole stack, comparable with the lock (constraints.txt) line by line
+        "packages": installed_packages(),
         "git": git_state(Path(__file__).resolve().parent),
         "command": shlex.join(sys.argv),
     }

@@ -235,18 +235,26 @@ def read_builtin(cache_dir: Path = BOOKS_CACHE_DIR) -> list[Book]:
     ]
 
 
-def read_folder(path: str | Path) -> list[Book]:
-    """Every `*.txt` directly in `path`, sorted by file name, Gutenberg header and licence stripped."""
+def book_files(path: str | Path) -> list[Path]:
+    """The non-empty `*.txt` files directly in `path`, sorted by name; a one-line TaskError when there are none."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise TaskError(f"no book folder at {folder}: set task.path to a folder of .txt books")
+    files = [file for file in sorted(folder.glob("*.txt")) if file.stat().st_size]
+    if not files:
+        raise TaskError(f"no non-empty .txt books in {folder}: put one book per .txt file there")
+    return files
+
+
+def read_folder(path: str | Path) -> list[Book]:
+    """Every `*.txt` directly in `path`, sorted by file name, Gutenberg header and licence stripped."""
     books = []
-    for file in sorted(folder.glob("*.txt")):
+    for file in book_files(path):
         text = strip_gutenberg(file.read_text(encoding="utf-8", errors="replace"))
         if text.strip():
             books.append(Book(file.stem, file.stem, text))
     if not books:
-        raise TaskError(f"no non-empty .txt books in {folder}: put one book per .txt file there")
+        raise TaskError(f"no non-empty .txt books in {Path(path).expanduser()}: put one book per .txt file there")
     return books
 
 

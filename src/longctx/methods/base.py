@@ -73,6 +73,9 @@ class Method:
     def remove(self, lm: LoadedModel) -> None:
         """Undo `apply` exactly."""
 
+    def check_device(self, device: torch.device) -> None:
+        """Raise `MethodError` if this method cannot run on `device`; the runner asks before loading the model."""
+
     def check_length(self, lm: LoadedModel, length: int) -> None:
         """Raise `MethodError` if this method cannot run the model at `length` tokens."""
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from longctx.data.books import SOURCES, Book, load_books
+from longctx.data.books import SOURCES, Book, book_files, load_books
 from longctx.models import LoadedModel
 from longctx.tasks.base import SampleCallback, Task, TaskError
 
@@ -104,20 +104,27 @@ class PG19Perplexity(Task):
                 raise TaskError(f"task.{key} must be >= 1, got {getattr(self, key)}")
         if self.source not in SOURCES:
             raise TaskError(f"unknown task.source {self.source!r}; choose one of {', '.join(SOURCES)}")
-        if self.source == "folder" and not self.path:
-            raise TaskError("task.source=folder needs task.path=<folder of .txt books>")
+        if self.source == "folder":
+            if not self.path:
+                raise TaskError("task.source=folder needs task.path=<folder of .txt books>")
+            book_files(self.path)  # before the model loads: a folder without books is a one-line error
         if self.num_books is not None and self.num_books < 1:
             raise TaskError(f"task.num_books must be >= 1 or null (all), got {self.num_books}")
         # Filled by run(): per length, the summed NLL at each target position and the number of segments summed.
         self._position_sums: dict[int, np.ndarray] = {}
         self._position_counts: dict[int, int] = {}
         self._pretrained_length: int | None = None
+        self._books: list[Book] | None = None
 
     def max_length(self) -> int:
         return max(self.lengths)
 
+    def check(self, lm: LoadedModel) -> None:
+        # read before the run folder exists: a hub or corpus that cannot be read fails in one line, first
+        self._books = load_books(self.source, self.path, self.num_books)
+
     def run(self, lm: LoadedModel, on_sample: SampleCallback) -> dict[str, float]:
-        books = load_books(self.source, self.path, self.num_books)
+        books = self._books if self._books is not None else load_books(self.source, self.path, self.num_books)
         tokens: list[torch.Tensor] = []
         for book in books:
             tokens.append(tokenize_book(lm, book))

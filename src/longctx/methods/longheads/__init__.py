@@ -13,7 +13,7 @@ from transformers import Cache
 from longctx.methods.base import AttentionMethod, Method, MethodError
 from longctx.methods.longheads.attention import KERNELS, Geometry, longheads_attention
 from longctx.methods.longheads.cache import LongHeadsCache
-from longctx.methods.longheads.triton_kernel import shift_table
+from longctx.methods.longheads.triton_kernel import shift_table, triton_available
 from longctx.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,13 @@ class LongHeads(AttentionMethod):
                 raise MethodError("longheads cannot combine with dynamic NTK; use rope_scaling={name: ntk, dynamic: false, factor: F} or pi")
         return self._rope_method
 
+    def check_device(self, device: torch.device) -> None:
+        """kernel=triton needs CUDA and Triton: refused before any work, not at the first forward."""
+        if self.kernel == "triton" and not triton_available(device):
+            raise MethodError(f"longheads kernel=triton needs a CUDA device and the triton package (model on {device}); use kernel=auto or torch")
+
     def check_length(self, lm: LoadedModel, length: int) -> None:
+        self.check_device(lm.device)
         rope_factor = float((self.rope_scaling or {}).get("factor") or 1.0)
         if self.atten_length > lm.pretrained_length * rope_factor:
             log.warning(
@@ -97,6 +103,7 @@ class LongHeads(AttentionMethod):
             self._rope().check_length(lm, length)
 
     def apply(self, lm: LoadedModel) -> None:
+        self.check_device(lm.device)
         if self._rope() is not None:
             self._rope().apply(lm)
         try:

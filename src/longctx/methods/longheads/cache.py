@@ -74,7 +74,7 @@ class GrowingLayer(DynamicLayer):
             self._set_length(self.keys.shape[-2])
 
     def _adopt(self) -> None:
-        """Rebuild the buffer from `keys`/`values` after an operation that replaced them (beam search, batch select)."""
+        """Rebuild the buffer from `keys`/`values` after an operation that replaced them (batch repeat or select)."""
         if self.is_initialized and self.keys is not None and self.keys.numel():
             self.key_store, self.value_store = self.keys.contiguous(), self.values.contiguous()
             self._set_length(self.keys.shape[-2])
@@ -86,6 +86,14 @@ class GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self._adopt()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the filled part of the buffer in place (`DynamicLayer`'s would leave `keys` pointing
+        at a copy while later steps write to the buffer in the old order; in place also keeps a pinned buffer pinned)."""
+        if self.is_initialized and self.length:
+            for store in (self.key_store, self.value_store):
+                filled = store[..., : self.length, :]
+                filled.copy_(filled.index_select(0, beam_idx.to(store.device)))
 
     def reset(self) -> None:
         super().reset()
@@ -140,3 +148,22 @@ class LongHeadsCache(DynamicCache):
 
     def layer_summaries(self, layer_idx: int) -> LayerSummaries:
         return self.summaries.setdefault(layer_idx, LayerSummaries())
+
+    # The summaries are per sequence like the keys: every change of the batch (beam search's reordering, a repeat or a
+    # selection of sequences) applies to them too, or one beam would select chunks by another beam's summaries.
+    def _map_summaries(self, change) -> None:
+        for state in self.summaries.values():
+            state.keys = None if state.keys is None else change(state.keys)
+            state.open_queries = None if state.open_queries is None else change(state.open_queries)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_summaries(lambda states: states.index_select(0, beam_idx.to(states.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_summaries(lambda states: states.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_summaries(lambda states: states[indices.to(states.device)])

@@ -1,4 +1,4 @@
-"""The official LongBench protocol: per-dataset prompts (data under conf/longbench/), the chat template, middle
+"""The official LongBench protocol: per-dataset prompts (data in longbench.yaml beside this file), the chat template, middle
 truncation in tokens of the model's tokenizer, greedy generation and post-processing.
 
 Where we differ from the official `pred.py`, on purpose: the official code truncates the prompt to `max_length` tokens
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import torch
@@ -20,15 +20,13 @@ import yaml
 from longctx.models import LoadedModel
 from longctx.tasks.base import Generation, TaskError, greedy_generate
 
-# conf/longbench/ at the repository root, beside the other config groups (this file is src/longctx/tasks/longbench/).
-CONF_DIR = Path(__file__).resolve().parents[4] / "conf" / "longbench"
 LONGBENCH_E_SUFFIX = "_e"  # LongBench-E files are <dataset>_e.jsonl and use <dataset>'s protocol
 _SENTINEL = "\x00LONGBENCH_PROMPT\x00"
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """How one LongBench dataset is prompted and scored (one entry of conf/longbench/longbench.yaml)."""
+    """How one LongBench dataset is prompted and scored (one entry of longbench.yaml)."""
 
     name: str
     prompt: str  # str.format template over the record's fields ({context}, {input})
@@ -41,10 +39,8 @@ class DatasetSpec:
 
 
 def _read_yaml(name: str) -> dict[str, Any]:
-    path = CONF_DIR / name
-    if not path.is_file():
-        raise TaskError(f"LongBench protocol file {path} is missing (it ships in the repository's conf/longbench/)")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    # package data (pyproject's package-data), so an installed wheel reads it as an editable checkout does
+    return yaml.safe_load((resources.files(__package__) / name).read_text(encoding="utf-8"))
 
 
 @functools.cache
