@@ -280,3 +280,45 @@ def test_the_embedded_model_finds_a_single_needle_at_1k(smollm2, tmp_path):
     metrics = evaluate(smollm2, build_method("full"), task, out_dir=tmp_path / "run", wandb_mode="disabled")
     record = json.loads((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()[0])
     assert metrics["niah_single_1@1024"] == 100.0, record["output"]
+
+
+# --- aggregate -----------------------------------------------------------------------------------------------------
+
+
+def write_ruler_run(root: Path, stamp: str, method: str, scores: dict[int, dict[str, float]]) -> None:
+    """A finished run folder as the runner writes it: RULER's metrics and one prediction per sample."""
+    import yaml
+
+    run_dir = root / stamp
+    run_dir.mkdir(parents=True)
+    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": method},
+              "task": {"name": "ruler", "lengths": sorted(scores)}, "seed": 0}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics, records = {}, []
+    for length, per_task in scores.items():
+        metrics.update({f"{name}@{length}": value for name, value in per_task.items()})
+        metrics[f"average@{length}"] = round(sum(per_task.values()) / len(per_task), 2)
+        records += [{"length": length, "dataset": name, "score": value} for name, value in per_task.items()]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (run_dir / "provenance.json").write_text(json.dumps({"status": "finished", "device": "cpu", "dtype": "float32"}))
+
+
+def test_aggregate_tables_methods_lengths_tasks_and_effective_length(tmp_path):
+    from longctx import aggregate
+
+    write_ruler_run(tmp_path, "2026-01-01", "full", {4096: {"niah_single_1": 100.0, "vt": 80.0},
+                                                      8192: {"niah_single_1": 100.0, "vt": 60.0}})
+    write_ruler_run(tmp_path, "2026-01-02", "longheads", {4096: {"niah_single_1": 100.0, "vt": 90.0}})
+    write_ruler_run(tmp_path, "2026-01-03", "longheads", {8192: {"niah_single_1": 100.0, "vt": 75.0}})
+    runs = aggregate.load_runs(tmp_path)
+    cells = aggregate.table(runs, "ruler", "average")
+    assert cells.loc["full", 4096] == "90 (2)" and cells.loc["longheads", 8192] == "87.5 (2)"
+    effective = aggregate.effective_lengths(runs, "ruler", "average", threshold=85.6)
+    assert effective.xs("full", level="label").iloc[0] == 4096  # 90 at 4k, 80 at 8k
+    assert effective.xs("longheads", level="label").iloc[0] == 8192  # 95, then 87.5
+    assert aggregate.effective_lengths(runs, threshold=95.0).xs("longheads", level="label").iloc[0] == 0
+    by_task = aggregate.dataset_table(runs, "ruler")
+    assert list(by_task.index.get_level_values("dataset")) == ["niah_single_1", "vt"] * 2
+    assert by_task.xs(("full", "vt"), level=["label", "dataset"])[8192].iloc[0] == "60 (1)"
+    assert by_task.xs(("longheads", "vt"), level=["label", "dataset"])[4096].iloc[0] == "90 (1)"
