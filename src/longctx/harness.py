@@ -2,7 +2,7 @@
 own HuggingFace model class (`HFLM`, so its batching, loglikelihood, generate_until and chat templates are the
 harness's) on a model loaded by `longctx.load_model` with a longctx method applied.
 
-    python -m longctx.harness --model longctx \\
+    python -m longctx.harness --model longctx --device cuda \\
         --model_args pretrained=embedded,method=longheads,atten_length=2048,max_length=32768 --tasks ruler ...
 
 (`lm_eval` itself discovers no plugins, so `python -m longctx.harness` is its command line with `longctx`
@@ -19,7 +19,10 @@ trained length) and is checked against the method before anything runs.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
+
+import torch
 
 try:
     from lm_eval.api.registry import register_model
@@ -30,6 +33,8 @@ except ImportError:  # the extra is optional: say how to get it, in one line
 from longctx.methods.base import AttentionMethod
 from longctx.models import load_model
 from longctx.registry import METHODS, build_method, parameters
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = {"embedded": "embedded:smollm2"}
 # HFLM arguments that a pre-loaded model makes meaningless (longctx.load_model already decided them)
@@ -72,6 +77,10 @@ class LongctxLM(HFLM):
                              "prompts to the model's max_position_embeddings, hiding the method)")
         if isinstance(self.method, AttentionMethod) and str(batch_size) != "1":
             raise ValueError(f"longctx: method {method} runs one sequence at a time (no padded batches): use batch_size=1")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line always passes --device (default cuda:0); HFLM then falls back to what exists
+            log.warning("longctx: device %s asked for but no CUDA GPU is visible; running on the CPU", device)
+            device = "cpu"
         self.loaded = load_model(EMBEDDED_ALIASES.get(pretrained, pretrained), device=device, dtype=dtype)
         max_length = int(max_length or self.loaded.pretrained_length)
         self.method.check_length(self.loaded, max_length)
