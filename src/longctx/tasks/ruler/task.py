@@ -129,7 +129,8 @@ class Ruler(Task):
             task, sample = prepared.task, prepared.sample
             text, answers = sample["input"], list(sample["outputs"])
             # RULER's runner calls tokenizer(prompt), adding the tokenizer's BOS; a rendered chat template holds its own
-            encoded = lm.tokenizer(text, add_special_tokens=template == "base", return_offsets_mapping=task.is_niah)
+            offsets = task.is_niah and lm.tokenizer.is_fast  # needle positions need a fast tokenizer's offsets
+            encoded = lm.tokenizer(text, add_special_tokens=template == "base", return_offsets_mapping=offsets)
             ids = encoded["input_ids"]
             output = greedy_generate(lm, torch.tensor([ids], device=lm.device), task.tokens_to_generate)
             needles = self._needles(text, answers, encoded.get("offset_mapping"), len(ids), output.text, task) if task.is_niah else []
