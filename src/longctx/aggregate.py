@@ -85,7 +85,7 @@ def _sample_counts(predictions: Path) -> tuple[dict[int, int], dict[tuple[int, s
     if records.empty:
         return {}, {}
     per_length = records["length"].astype("int64").value_counts().to_dict()
-    per_dataset = records.groupby(["length", "dataset"]).size().to_dict() if "dataset" in records else {}
+    per_dataset = records.groupby(["length", "dataset"], sort=False).size().to_dict() if "dataset" in records else {}
     return per_length, per_dataset
 
 
