@@ -224,7 +224,8 @@ class Ruler(Task):
         from longctx.viz import accuracy_heatmap
 
         def grid(rows: pd.DataFrame):
-            return accuracy_heatmap(rows.pivot_table(index="depth_bin", columns="length", values="found", aggfunc="mean"))
+            found = rows.pivot_table(index="depth_bin", columns="length", values="found", aggfunc="mean")
+            return accuracy_heatmap(found, label="needles found")
 
         # every NIAH needle pooled (weighted by needle, not by task), then each NIAH task alone
         figures = {"score_by_depth_niah": grid(needles)}
