@@ -35,7 +35,8 @@ EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 # per task: the overrides that make a run tiny (256 tokens, one sample)
 TINY = {"passkey": {"task.lengths": "[256]", "task.num_samples": "1"},
         "pg19": {"task.lengths": "[256]", "task.segments_per_length": "1", "task.source": "folder"},
-        "longbench": {"task.lengths": "[512]", "task.num_questions": "1"}}
+        "longbench": {"task.lengths": "[512]", "task.num_questions": "1"},
+        "ruler": {"task.lengths": "[1024]", "task.num_samples": "1", "task.tasks": "[niah_single_1]"}}
 TINY_LONGHEADS = {"window_size": 16, "atten_length": 64, "block_size": 4, "exact_tail": 8}
 
 

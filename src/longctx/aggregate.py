@@ -3,6 +3,8 @@ provenance.json (machine, versions, status) and, once finished, metrics.json.
 
     python -m longctx.aggregate results/h100 --task passkey --metric accuracy
     python -m longctx.aggregate results/h100 results/cpu --task pg19 --metric ppl --plot pg19_loss_by_position.png
+    python -m longctx.aggregate results/cpu --task ruler --metric average --threshold 85.6   # + effective length
+    python -m longctx.aggregate results/cpu --task ruler --by-dataset                       # task x length per method
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _sample_counts(predictions: Path) -> tuple[dict[int, int], dict[tuple[int, s
     if records.empty:
         return {}, {}
     per_length = records["length"].astype("int64").value_counts().to_dict()
-    per_dataset = records.groupby(["length", "dataset"]).size().to_dict() if "dataset" in records else {}
+    per_dataset = records.groupby(["length", "dataset"], sort=False).size().to_dict() if "dataset" in records else {}
     return per_length, per_dataset
 
 
@@ -131,6 +133,32 @@ def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, m
     return cells if merge_machines else cells.reset_index(MACHINE)
 
 
+def effective_lengths(runs: pd.DataFrame, task: str = "ruler", metric: str = "average", threshold: float = 85.6,
+                      seed: int | None = None, merge_machines: bool = False) -> pd.Series:
+    """RULER's effective length per table row: the longest length up to which every `metric` (RULER: the average
+    over its tasks) stays above `threshold`; 0 when the shortest length measured is already below it."""
+    from longctx.tasks.ruler.task import effective_length
+
+    selected = latest(runs, task, metric, seed, merge_machines)[metric]
+    rows = ["label"] if merge_machines else ["label", *MACHINE]
+    return selected.groupby(rows).apply(
+        lambda scores: effective_length(dict(zip(scores.index.get_level_values("length"), scores)), threshold)
+    ).rename("effective length")
+
+
+def dataset_table(runs: pd.DataFrame, task: str, seed: int | None = None) -> pd.DataFrame:
+    """Per-dataset scores (LongBench's datasets, RULER's tasks): rows (method label, model, device, dtype, dataset),
+    columns lengths, each cell the newest run that scored that dataset at that length, its sample count in brackets."""
+    counted = [column.removeprefix("n.") for column in runs.columns if column.startswith("n.")]
+    datasets = [name for name in counted if name in runs.columns and runs.loc[runs.task == task, name].notna().any()]
+    if not datasets:
+        raise SystemExit(f"error: no per-dataset scores for task {task} in these runs")
+    frames = [table(runs, task, dataset, seed).reset_index().assign(dataset=dataset) for dataset in datasets]
+    merged = pd.concat(frames, ignore_index=True)
+    merged = merged.assign(order=merged.dataset.map(datasets.index)).sort_values(["label", "order"], kind="stable")
+    return merged.drop(columns="order").set_index(["label", *MACHINE, "dataset"]).fillna("")
+
+
 def load_curves(runs: pd.DataFrame, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
     """Loss by position of the runs in the PG19 table: columns label, length, bucket_start, mean_nll. When the runs
     span machines (and are not merged) the label names the machine."""
@@ -152,6 +180,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--merge-machines", action="store_true",
                         help="one row per method even across devices / dtypes; each cell names its machine")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="add RULER's effective length against this score (RULER: 85.6, with --metric average)")
+    parser.add_argument("--by-dataset", action="store_true",
+                        help="one row per method and dataset (RULER's tasks, LongBench's datasets), lengths as columns")
     parser.add_argument("--plot", help="pg19 only: write the loss-by-position figure of the table's runs here")
     parser.add_argument("--pretrained-length", type=int, default=8192, help="marked on the --plot figure")
     args = parser.parse_args()
@@ -162,7 +194,14 @@ def main() -> None:
         print(incomplete.to_string(index=False), file=sys.stderr)
     if runs.empty:
         raise SystemExit(f"error: no finished run folders under {' '.join(args.roots)}")
-    print(table(runs, args.task, args.metric, args.seed, args.merge_machines).to_markdown())
+    if args.by_dataset:
+        print(dataset_table(runs, args.task, args.seed).reset_index().to_markdown(index=False))
+        return
+    cells = table(runs, args.task, args.metric, args.seed, args.merge_machines)
+    if args.threshold is not None:
+        lengths = effective_lengths(runs, args.task, args.metric, args.threshold, args.seed, args.merge_machines)
+        cells = cells.join(lengths, on=list(lengths.index.names)) if not args.merge_machines else cells.join(lengths)
+    print(cells.to_markdown())
     if args.plot:
         if args.task != "pg19":
             raise SystemExit("error: --plot draws PG19 loss curves; use it with --task pg19")

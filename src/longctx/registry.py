@@ -23,6 +23,7 @@ from longctx.tasks.base import Task
 from longctx.tasks.longbench import LongBench, LongBenchV2
 from longctx.tasks.passkey import Passkey
 from longctx.tasks.pg19 import PG19Perplexity
+from longctx.tasks.ruler import Ruler
 
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
@@ -37,6 +38,7 @@ TASKS: dict[str, type[Task]] = {
     "pg19": PG19Perplexity,
     "longbench": LongBench,
     "longbench_v2": LongBenchV2,
+    "ruler": Ruler,
 }
 
 T = TypeVar("T")

@@ -12,15 +12,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 
-def accuracy_heatmap(grid: pd.DataFrame) -> Figure:
-    """Passkey accuracy, needle depth (rows) x context length (columns), the field's standard picture."""
+def accuracy_heatmap(grid: pd.DataFrame, label: str = "accuracy") -> Figure:
+    """Passkey accuracy (or another 0-1 score, named `label`), needle depth (rows) x context length (columns), the
+    field's standard picture."""
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.35 * grid.shape[0]))
     image = ax.imshow(grid.values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(grid.shape[1]), [f"{c // 1024}k" if c >= 1024 else str(c) for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), [f"{d:.1f}" for d in grid.index])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     return fig
 

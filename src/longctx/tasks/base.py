@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import pandas as pd
 import torch
 
 from longctx.models import LoadedModel
@@ -72,3 +73,19 @@ def greedy_generate(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: in
     text = lm.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     peak = round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 3) if on_cuda else None
     return Generation(text, round(seconds, 3), peak)
+
+
+def sample_record(index: int, length: int, generation: Generation, **fields: Any) -> dict[str, Any]:
+    """A task's prediction record: the sample's index in the run and its length first, the task's own `fields`, then
+    what the sample cost (seconds, peak GPU memory), as `cost_metrics` reads them."""
+    return {"sample": index, "length": length, **fields,
+            "seconds": generation.seconds, "peak_gpu_gib": generation.peak_gpu_gib}
+
+
+def cost_metrics(records: pd.DataFrame, length: int) -> dict[str, float]:
+    """`seconds@<length>`, the median seconds per sample of `records` (one length's `sample_record`s), and on a GPU
+    `peak_gpu_gib@<length>`, their peak memory."""
+    metrics = {f"seconds@{length}": float(records.seconds.median())}
+    if records.peak_gpu_gib.notna().any():
+        metrics[f"peak_gpu_gib@{length}"] = float(records.peak_gpu_gib.max())
+    return metrics

@@ -15,7 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from longctx.models import LoadedModel
-from longctx.tasks.base import SampleCallback, Task, TaskError, greedy_generate
+from longctx.tasks.base import SampleCallback, Task, TaskError, cost_metrics, greedy_generate, sample_record
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -134,19 +134,16 @@ class Passkey(Task):
             input_ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids.to(lm.device)
             generation = greedy_generate(lm, input_ids, self.max_new_tokens)
             answer = generation.text
-            record = {
-                "sample": index,
-                "length": self.lengths[index // self.num_samples],
-                "prompt_tokens": input_ids.shape[1],
-                "depth": prompt.depth,
-                "needle_token": prompt.needle_token,
-                "needle_end": prompt.needle_end,
-                "key": prompt.key,
-                "output": answer,
-                "correct": first_integer(answer) == prompt.key,
-                "seconds": generation.seconds,
-                "peak_gpu_gib": generation.peak_gpu_gib,
-            }
+            record = sample_record(
+                index, self.lengths[index // self.num_samples], generation,
+                prompt_tokens=input_ids.shape[1],
+                depth=prompt.depth,
+                needle_token=prompt.needle_token,
+                needle_end=prompt.needle_end,
+                key=prompt.key,
+                output=answer,
+                correct=first_integer(answer) == prompt.key,
+            )
             self._records.append(record)
             on_sample(record)
         return self.metrics()
@@ -156,9 +153,7 @@ class Passkey(Task):
         metrics: dict[str, float] = {"accuracy": float(frame.correct.mean())}
         for length, group in frame.groupby("length"):
             metrics[f"accuracy@{length}"] = float(group.correct.mean())
-            metrics[f"seconds@{length}"] = float(group.seconds.median())
-            if group.peak_gpu_gib.notna().any():
-                metrics[f"peak_gpu_gib@{length}"] = float(group.peak_gpu_gib.max())
+            metrics.update(cost_metrics(group, length))
         return metrics
 
     def accuracy_by_depth(self, bins: int = 10) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from longctx.models import LoadedModel
-from longctx.tasks.base import SampleCallback, Task, TaskError
+from longctx.tasks.base import SampleCallback, Task, TaskError, cost_metrics, sample_record
 from longctx.tasks.longbench import data
 from longctx.tasks.longbench.builtin import BUILTIN_DATASETS, SuiteBuilder, data_file
 from longctx.tasks.longbench.metrics import score_sample
@@ -185,23 +185,20 @@ class LongBench(Task):
             score = score_sample(
                 spec.metric, output.text, sample.record["answers"], sample.record.get("all_classes"), spec.first_line
             )
-            result = {
-                "sample": index,
-                "length": sample.length,
-                "dataset": sample.dataset,
-                "id": sample.record.get("_id"),
-                "prompt_tokens": len(encoded.ids),
-                "truncated_tokens": encoded.removed_tokens,
-                "words": sample.record.get("length"),  # the release's own length field (LongBench-E buckets)
-                "depth": sample.record.get("depth"),
-                "needle_token": encoded.needle_token,
-                "needle_end": encoded.needle_end,
-                "output": output.text,
-                "answers": sample.record["answers"],
-                "score": score,
-                "seconds": output.seconds,
-                "peak_gpu_gib": output.peak_gpu_gib,
-            }
+            result = sample_record(
+                index, sample.length, output,
+                dataset=sample.dataset,
+                id=sample.record.get("_id"),
+                prompt_tokens=len(encoded.ids),
+                truncated_tokens=encoded.removed_tokens,
+                words=sample.record.get("length"),  # the release's own length field (LongBench-E buckets)
+                depth=sample.record.get("depth"),
+                needle_token=encoded.needle_token,
+                needle_end=encoded.needle_end,
+                output=output.text,
+                answers=sample.record["answers"],
+                score=score,
+            )
             self._results.append(result)
             on_sample(result)
         return self.metrics()
@@ -215,9 +212,7 @@ class LongBench(Task):
             per_dataset = {dataset: round(100 * group.score.mean(), 2) for dataset, group in cell.groupby("dataset", sort=False)}
             metrics.update({f"{dataset}@{length}": value for dataset, value in per_dataset.items()})
             metrics[f"average@{length}"] = round(sum(per_dataset.values()) / len(per_dataset), 2)
-            metrics[f"seconds@{length}"] = float(cell.seconds.median())
-            if cell.peak_gpu_gib.notna().any():
-                metrics[f"peak_gpu_gib@{length}"] = float(cell.peak_gpu_gib.max())
+            metrics.update(cost_metrics(cell, length))
             for (dataset, bucket), value in self._bucket_scores(cell).items():
                 if dataset.endswith(LONGBENCH_E_SUFFIX):
                     metrics[f"{dataset}/{bucket}@{length}"] = value

@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from longctx.models import LoadedModel
-from longctx.tasks.base import SampleCallback, Task, TaskError
+from longctx.tasks.base import SampleCallback, Task, TaskError, cost_metrics, sample_record
 from longctx.tasks.longbench import data
 from longctx.tasks.longbench.protocol import chat_frame, encode_prompt, generate, v2_protocol
 
@@ -96,22 +96,19 @@ class LongBenchV2(Task):
             encoded = encode_prompt(lm.tokenizer, v2_prompt(protocol["prompt"], record), frame, self._budget)
             output = generate(lm, encoded.ids, protocol["max_new_tokens"])
             predicted = extract_answer(output.text.strip(), protocol["answer_patterns"])
-            result = {
-                "sample": index,
-                "length": self._budget,
-                "id": record.get("_id"),
-                "domain": record.get("domain"),
-                "difficulty": record.get("difficulty"),
-                "length_bucket": record.get("length"),
-                "prompt_tokens": len(encoded.ids),
-                "truncated_tokens": encoded.removed_tokens,
-                "output": output.text,
-                "pred": predicted,
-                "answer": record["answer"],
-                "correct": predicted == record["answer"],
-                "seconds": output.seconds,
-                "peak_gpu_gib": output.peak_gpu_gib,
-            }
+            result = sample_record(
+                index, self._budget, output,
+                id=record.get("_id"),
+                domain=record.get("domain"),
+                difficulty=record.get("difficulty"),
+                length_bucket=record.get("length"),
+                prompt_tokens=len(encoded.ids),
+                truncated_tokens=encoded.removed_tokens,
+                output=output.text,
+                pred=predicted,
+                answer=record["answer"],
+                correct=predicted == record["answer"],
+            )
             self._results.append(result)
             on_sample(result)
         return self.metrics()
@@ -122,9 +119,7 @@ class LongBenchV2(Task):
         metrics = {f"accuracy@{length}": round(100 * frame.correct.mean(), 1)}
         for name, value in self._group_accuracy(frame).items():
             metrics[f"accuracy_{name}@{length}"] = value
-        metrics[f"seconds@{length}"] = float(frame.seconds.median())
-        if frame.peak_gpu_gib.notna().any():
-            metrics[f"peak_gpu_gib@{length}"] = float(frame.peak_gpu_gib.max())
+        metrics.update(cost_metrics(frame, length))
         return metrics
 
     @staticmethod
