@@ -24,13 +24,18 @@ def rounding_tolerance(output: torch.Tensor, chain: int) -> float:
     """
     unit_roundoff = torch.finfo(output.dtype).eps / 2
     gamma = chain * unit_roundoff / (1 - chain * unit_roundoff)
-    return 2 * gamma * float(output.abs().max())
+    return 2 * gamma * float(output.detach().abs().max())
 
 
-def model_chain(config, tokens: int) -> int:
+def model_chain(config, tokens: int, max_position: int | None = None) -> int:
     """Roundings on the longest path through a decoder of this config over `tokens` tokens: per layer the projections'
-    and the MLP's dot products (hidden, intermediate terms) and the attention's sum over keys; then the LM head."""
-    return config.num_hidden_layers * (2 * config.hidden_size + config.intermediate_size + tokens) + config.hidden_size
+    and the MLP's dot products (hidden, intermediate terms), the attention's sum over keys, and RoPE: an angle p * f
+    is rounded relative to itself, which moves a rotated query or key by u * p * f relative to its length, i.e. as
+    p * f roundings (f <= 1 rad per position, positions up to `max_position`, default `tokens`; query and key both);
+    then the LM head."""
+    rope = 2 * (max_position if max_position is not None else tokens)
+    per_layer = 2 * config.hidden_size + config.intermediate_size + tokens + rope
+    return config.num_hidden_layers * per_layer + config.hidden_size
 
 
 def tiny_llama(max_positions: int = 256, seed: int = 0, tokenizer=None, **config) -> LoadedModel:
