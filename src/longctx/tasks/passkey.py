@@ -146,6 +146,7 @@ class Passkey(Task):
                 "correct": first_integer(answer) == prompt.key,
                 "seconds": generation.seconds,
                 "peak_gpu_gib": generation.peak_gpu_gib,
+                "peak_rss_gib": generation.peak_rss_gib,
             }
             self._records.append(record)
             on_sample(record)
@@ -159,6 +160,8 @@ class Passkey(Task):
             metrics[f"seconds@{length}"] = float(group.seconds.median())
             if group.peak_gpu_gib.notna().any():
                 metrics[f"peak_gpu_gib@{length}"] = float(group.peak_gpu_gib.max())
+            if group.peak_rss_gib.notna().any():
+                metrics[f"peak_rss_gib@{length}"] = float(group.peak_rss_gib.max())
         return metrics
 
     def accuracy_by_depth(self, bins: int = 10) -> pd.DataFrame:
