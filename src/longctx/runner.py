@@ -85,7 +85,7 @@ def run_config(lm: LoadedModel, method: Method, task: Task) -> dict[str, Any]:
     """What an API run records as config.yaml: the same shape as the CLI's, so `longctx.aggregate` reads both."""
     return {
         "model": {"name": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
-        "method": {"name": method.name, **dataclasses.asdict(method)},
+        "method": method.config(),
         "task": {"name": task.name, **dataclasses.asdict(task)},
     }
 
