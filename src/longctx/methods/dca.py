@@ -32,7 +32,7 @@ from longctx.models import LoadedModel
 
 ATTENTION_NAME = "longctx_dca"
 
-# Queries per attention call (a block never spans two chunks): the intra-chunk part has a [block, s] mask.
+# Queries per attention call (a block never spans two chunks); only the block's own keys carry a (causal) mask.
 QUERY_BLOCK = 512
 
 
@@ -79,10 +79,12 @@ def dca_attention(
         stop = min(start + QUERY_BLOCK, chunk_start + size - q_start, q_len)  # within one chunk
         q = query[:, :, start:stop]
         t = torch.arange(first, q_start + stop, device=device)
-        # intra-chunk: query at t mod s, keys at j mod s: the true distance, causal
-        j = torch.arange(chunk_start, q_start + stop, device=device)
+        # intra-chunk: query at t mod s, keys at j mod s: the true distance, causal (keys before the block unmasked)
         high = q_start + stop
-        parts = [attention_with_lse(q, key[:, :, chunk_start:high], value[:, :, chunk_start:high], j[None, :] <= t[:, None], scaling)]
+        parts = [] if first == chunk_start else [
+            attention_with_lse(q, key[:, :, chunk_start:first], value[:, :, chunk_start:first], None, scaling)
+        ]
+        parts.append(attention_with_lse(q, key[:, :, first:high], value[:, :, first:high], t[None, :] <= t[:, None], scaling))
         if chunk_start > 0:
             previous = chunk_start - size
             successive_query = rotate(q, torch.clamp(size + t % size, max=farthest) - t, inv_freq)

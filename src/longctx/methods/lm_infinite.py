@@ -23,7 +23,7 @@ import torch
 from transformers import Cache
 
 from longctx.methods.base import AttentionMethod, MethodError
-from longctx.methods.merge import attention_with_lse, merge
+from longctx.methods.merge import attention_with_lse, merge, recent_parts
 from longctx.methods.rope import rotate
 from longctx.methods.window import sink_window_cache
 from longctx.models import LoadedModel
@@ -73,16 +73,14 @@ def lm_infinite_attention(
     global_keys = rotate(key[:, :, :n_global], -torch.arange(n_global, device=device), inv_freq)
     global_values = value[:, :, :n_global]
     out = query.new_empty(query.shape[:3] + (value.shape[-1],))
-    for start in range(0, q_len, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, q_len)
+    block = min(QUERY_BLOCK, shape.n_local)
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
         q = query[:, :, start:stop]
         t = torch.arange(first + start, first + stop, device=device)[:, None]
-        # local branch: t - n_local < j <= t at the true distance (a band that starts before n_global only while
-        # nothing is evicted, so slots are positions there)
-        low, high = max(0, first + start - shape.n_local + 1), first + stop
-        j = torch.arange(low, high, device=device)[None, :]
-        band = slice(low - offset if low >= shape.n_global else low, high - offset)
-        parts = [attention_with_lse(q, key[:, :, band], value[:, :, band], (j <= t) & (j > t - shape.n_local), scaling)]
+        # local branch: t - n_local < j <= t at the true distance (it reaches below n_global only while nothing is
+        # evicted, offset 0, so slot = position holds there too)
+        parts = recent_parts(q, key, value, first + start, shape.n_local, scaling, offset)
         # global branch: j < n_global outside the band, at distance d_max
         if first + stop - 1 - shape.n_local >= 0 and n_global:
             far = torch.arange(n_global, device=device)[None, :] <= t - shape.n_local

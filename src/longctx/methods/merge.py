@@ -75,6 +75,31 @@ def _float32_attention(
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
+def recent_parts(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, first: int, window: int, scaling: float, offset: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Causal attention from queries at positions first, first + 1, ... to their `window` most recent keys
+    (t - window < j <= t) at the positions they were rotated with, as parts for `merge`: Self-Extend's neighbours,
+    LM-Infinite's local branch.
+
+    query [B, Hq, q, D]; the key of position p sits at slot p - offset of key/value [B, Hkv, n, D]. The keys every
+    query of the block sees go to the kernel unmasked; only the two edges of the band (at most 2q keys) carry a mask.
+    """
+    stop = first + query.shape[2]
+    low, shared = max(0, first - window + 1), max(0, stop - window)
+    parts, edges = [], [(low, stop)]
+    if shared < first:  # keys [shared, first) are within every query's window
+        parts.append(attention_with_lse(query, key[:, :, shared - offset : first - offset],
+                                        value[:, :, shared - offset : first - offset], None, scaling))
+        edges = [(low, shared), (first, stop)]
+    positions = torch.cat([torch.arange(lo, hi, device=query.device) for lo, hi in edges])
+    keys = torch.cat([key[:, :, lo - offset : hi - offset] for lo, hi in edges], dim=2)
+    values = torch.cat([value[:, :, lo - offset : hi - offset] for lo, hi in edges], dim=2)
+    t = torch.arange(first, stop, device=query.device)[:, None]
+    parts.append(attention_with_lse(query, keys, values, (positions <= t) & (positions > t - window), scaling))
+    return parts
+
+
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """One softmax over the union of the parts' keys, from each part's (out [..., q, Dv], lse [..., q])."""
     if len(parts) == 1:

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from longctx.methods.base import AttentionMethod, MethodError
-from longctx.methods.merge import attention_with_lse, merge
+from longctx.methods.merge import attention_with_lse, merge, recent_parts
 from longctx.methods.rope import rotate
 from longctx.models import LoadedModel
 
 ATTENTION_NAME = "longctx_self_extend"
 
-# Queries per attention call: a block's grouped part has a [block, context] mask.
+# Queries per block (at most W): the keys of a block's far or near region that every query sees need no mask; only
+# about 3 x block keys carry one.
 QUERY_BLOCK = 512
 
 
@@ -63,22 +64,24 @@ def self_extend_attention(
         positions = torch.arange(kv_len, device=device)
         grouped_keys = rotate(key, positions // size - positions, inv_freq)
     out = query.new_empty(query.shape[:3] + (value.shape[-1],))
-    for start in range(0, q_len, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, q_len)
+    block = min(QUERY_BLOCK, window)
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
         q = query[:, :, start:stop]
-        t = torch.arange(q_start + start, q_start + stop, device=device)[:, None]
+        first = q_start + start
         # neighbours: keys t - W < j <= t at their true distance
-        low, high = max(0, q_start + start - window + 1), q_start + stop
-        j = torch.arange(low, high, device=device)[None, :]
-        parts = [attention_with_lse(q, key[:, :, low:high], value[:, :, low:high], (j <= t) & (j > t - window), scaling)]
+        parts = recent_parts(q, key, value, first, window, scaling)
         # groups: keys j <= t - W, key at j // G, query at t // G + W - W // G
         far_end = q_start + stop - window  # keys [0, far_end) are far from the block's last query
         if far_end > 0:
-            j = torch.arange(far_end, device=device)[None, :]
-            grouped_query = rotate(q, (t // size + window - window // size - t)[:, 0], inv_freq)
-            parts.append(
-                attention_with_lse(grouped_query, grouped_keys[:, :, :far_end], value[:, :, :far_end], j <= t - window, scaling)
-            )
+            t = torch.arange(first, q_start + stop, device=device)
+            grouped_query = rotate(q, t // size + window - window // size - t, inv_freq)
+            shared = max(0, first - window)  # keys [0, shared) are far from every query of the block
+            if shared:
+                parts.append(attention_with_lse(grouped_query, grouped_keys[:, :, :shared], value[:, :, :shared], None, scaling))
+            j = torch.arange(shared, far_end, device=device)
+            parts.append(attention_with_lse(grouped_query, grouped_keys[:, :, shared:far_end], value[:, :, shared:far_end],
+                                            j[None, :] <= t[:, None] - window, scaling))
         out[:, :, start:stop] = merge(parts)
     return out.transpose(1, 2), None
 
