@@ -238,10 +238,15 @@ def test_cli_unknown_method_names_the_options_without_a_traceback():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("task.lengths=[10]", "length 10"), ("model=hf", "needs model.path")],
+    [
+        ("task.lengths=[10]", "length 10"),
+        ("model=hf", "needs model.path"),
+        ("method=longheads method.rope_scaling={name:ntk}", "dynamic ntk"),  # before the model loads
+        ("method=dca method.rope_scaling={name:yarn,scale:2}", "no parameter scale"),
+    ],
 )
 def test_cli_bad_input_is_a_one_line_error(tmp_path, override, message):
-    result = run_cli(override, "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
+    result = run_cli(*override.split(), "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
