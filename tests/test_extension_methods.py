@@ -270,6 +270,16 @@ def test_yarn_frequencies_and_temperature_follow_the_paper(lm, factor):
     torch.testing.assert_close(expected[slow], theta[slow] / factor)  # slow ones are interpolated like PI
 
 
+def test_a_rescaling_refuses_a_length_its_factor_cannot_reach_unless_a_method_holds_it(lm):
+    YaRN(factor=2.0).check_length(lm, 2 * PRETRAINED)
+    with pytest.raises(MethodError, match="reaches 128 tokens .* set factor >= 2.01562") as error:
+        YaRN(factor=2.0).check_length(lm, 2 * PRETRAINED + 1)
+    assert "\n" not in str(error.value)
+    YaRN().check_length(lm, 100 * PRETRAINED)  # factor null: length / trained length
+    # under Dual Chunk Attention the rescaling only has to reach s + w: any length goes
+    DualChunkAttention(chunk_size=40, local_window=8, rope_scaling=YaRN(factor=2.0)).check_length(lm, 100 * PRETRAINED)
+
+
 def test_yarn_factor_one_is_the_model_and_dynamic_is_refused(lm):
     ids = ids_of(48)
     torch.testing.assert_close(logits(lm, ids, YaRN(factor=1.0)), logits(lm, ids), atol=0, rtol=0)

@@ -85,7 +85,7 @@ class AttentionMethod(Method):
 
     def check_length(self, lm: LoadedModel, length: int) -> None:
         if self.rope_scaling is not None:
-            self.rope_scaling.check_length(lm, length)  # a factor left to None is derived from this length
+            self.rope_scaling.aim(length)  # a factor left to None is derived from this length
 
     @staticmethod
     def attention_function(module, query, key, value, attention_mask, **kwargs):

@@ -44,9 +44,19 @@ class RopeScaling(Method):
         if self.factor is not None and self.factor < 1:
             raise MethodError(f"{self.name}: factor must be >= 1 (got {self.factor})")
 
-    def check_length(self, lm: LoadedModel, length: int) -> None:
-        # The runner calls this before `apply`; with factor=None the factor is derived from this length.
+    def aim(self, length: int) -> None:
+        """The length to serve: with factor=None the factor is derived from it. An attention method holding this
+        rescaling calls this instead of `check_length`: its own positions decide how far the rescaling must reach."""
         self._target_length = length
+
+    def check_length(self, lm: LoadedModel, length: int) -> None:
+        # The runner calls this before `apply`.
+        self.aim(length)
+        if not getattr(self, "dynamic", False) and self.stretch(lm) * lm.pretrained_length < length:
+            raise MethodError(
+                f"{self.name} with factor {self.factor:g} reaches {int(self.factor * lm.pretrained_length)} tokens on a model"
+                f" trained on {lm.pretrained_length}, not {length}: set factor >= {length / lm.pretrained_length:g} or null"
+            )
 
     def stretch(self, lm: LoadedModel) -> float:
         """How many times the trained length the rescaled positions cover (the factor, resolved)."""
@@ -161,7 +171,8 @@ class YaRN(RopeScaling):
 
     * NTK-by-parts: a RoPE dimension whose wavelength fits more than `beta_fast` times into the trained length L keeps
       its frequency (extrapolation), one that fits fewer than `beta_slow` times is interpolated like PI (frequency / s),
-      and a linear ramp over the wavelength's rotation count blends the dimensions in between;
+      and the dimensions in between are blended by a ramp linear in the dimension index (the authors' code, which
+      transformers follows; the paper writes the ramp in the rotation count);
     * attention temperature: cos and sin are multiplied by 0.1 ln(s) + 1, so every attention logit is scaled by its
       square (the paper's sqrt(1/t) = 0.1 ln(s) + 1).
 
@@ -171,6 +182,8 @@ class YaRN(RopeScaling):
         Llama, written in transformers' names).
     dynamic: refused. Dynamic YaRN recomputes the frequencies for the current length, while cached keys keep the ones
         they were rotated with, so a decoded token would see other positions than the same token in a prefill.
+
+    Cost: quadratic in the context, as full attention.
     """
 
     name = "yarn"
