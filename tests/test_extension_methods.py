@@ -51,12 +51,12 @@ def logits(lm: LoadedModel, ids: torch.Tensor, method=None) -> torch.Tensor:
 # --- written-out references -------------------------------------------------------------------------------------
 
 
-def turned(x: torch.Tensor, position: float) -> torch.Tensor:
-    """x [D] (half-split layout) rotated to `position`, in float64."""
-    angles = position * INV_FREQ.double()
+def turned(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [..., D] (half-split layout) rotated to `positions` [...], in float64."""
+    angles = positions.double()[..., None] * INV_FREQ.double()
     cos, sin = angles.cos(), angles.sin()
-    first, second = x[: D // 2].double(), x[D // 2 :].double()
-    return torch.cat((first * cos - second * sin, second * cos + first * sin))
+    first, second = x[..., : D // 2].double(), x[..., D // 2 :].double()
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 def reference_attention(q_raw, k_raw, v, positions) -> torch.Tensor:
@@ -67,12 +67,12 @@ def reference_attention(q_raw, k_raw, v, positions) -> torch.Tensor:
     out = torch.zeros(n, heads, D, dtype=torch.float64)
     for t in range(n):
         placed = [(j, positions(t, j)) for j in range(t + 1)]
-        placed = [(j, where) for j, where in placed if where is not None]
+        keys = torch.tensor([j for j, where in placed if where is not None])
+        query_at, key_at = (torch.tensor([where[i] for _, where in placed if where is not None]) for i in (0, 1))
         for h in range(heads):
             kv = h // GROUP
-            scores = torch.stack([turned(q_raw[h, t], pq) @ turned(k_raw[kv, j], pk) * SCALING for j, (pq, pk) in placed])
-            weights = torch.softmax(scores, dim=0)
-            out[t, h] = sum(w * v[kv, j].double() for w, (j, _) in zip(weights, placed))
+            scores = (turned(q_raw[h, t], query_at) * turned(k_raw[kv, keys], key_at)).sum(-1) * SCALING
+            out[t, h] = torch.softmax(scores, dim=0) @ v[kv, keys].double()
     return out
 
 
