@@ -336,3 +336,29 @@ def test_remove_takes_the_rescaling_off_too(lm):
         assert lm.model.config.rope_parameters["rope_type"] == "yarn"
     assert lm.model.config.rope_parameters is parameters and lm.model.model.rotary_emb is rotary
     torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
+
+
+# --- real weights -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("self_extend", {"group_size": 4, "neighbor_window": 256}),  # three quarters of the prompt in groups
+        ("dca", {"chunk_size": 640, "local_window": 64}),  # the prompt in three chunks and a bit
+        ("lm_infinite", {"n_global": 10, "n_local": 1024}),  # the needle (depth 0.7) inside the local branch, d_max 1024
+        ("yarn", {"factor": 2.0}),
+    ],
+)
+def test_the_embedded_model_finds_the_passkey_at_2k_through_each_method(smollm2, name, params):
+    """Real weights at a size where each method acts on most of a 2k prompt: its positions must still read well."""
+    from longctx.registry import build_method
+    from longctx.tasks.passkey import Passkey
+
+    task = Passkey(lengths=[2048], num_samples=1, depths=[0.7])
+    method = build_method(name, **params)
+    method.check_length(smollm2, 2048)
+    with method(smollm2):
+        metrics = task.run(smollm2, on_sample=lambda record: None)
+    assert metrics["accuracy"] == 1.0
