@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 RECORD_KEYS = {
     "sample", "length", "prompt_tokens", "depth", "needle_token", "needle_end", "key", "output", "correct", "seconds", "peak_gpu_gib",
+    "peak_rss_gib",
 }
 
 
