@@ -239,10 +239,10 @@ def test_submitit_local_multirun_runs_every_cell_in_its_own_process(tiny_dir, tm
     assert sorted(runs["method"]) == ["full", "window"]
 
 
-def write_run(root: Path, stamp: str, method: str, device: str, dtype: str, accuracy: float) -> None:
+def write_run(root: Path, stamp: str, method: str, device: str, dtype: str, accuracy: float, **params) -> None:
     run_dir = root / stamp
     run_dir.mkdir(parents=True)
-    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": method},
+    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": method, **params},
               "task": {"name": "passkey", "lengths": [4096]}, "seed": 1}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "metrics.json").write_text(json.dumps({"accuracy@4096": accuracy}))
@@ -261,6 +261,23 @@ def test_aggregation_keeps_machines_apart(tmp_path):
                             ["window", "cpu", "float32", "0.25"]]
     merged = aggregate.table(runs, "passkey", "accuracy", merge_machines=True)  # asked for: newest wins, named
     assert merged.loc["full", 4096] == "0.5 cpu float32"
+
+
+def test_composed_methods_are_labelled_apart(tmp_path):
+    write_run(tmp_path, "2026-01-01", "dca", "cpu", "float32", 1.0, rope_scaling=None)
+    write_run(tmp_path, "2026-01-02", "dca", "cpu", "float32", 0.5, rope_scaling={"name": "yarn", "factor": 2.0})
+    write_run(tmp_path, "2026-01-03", "dca", "cpu", "float32", 0.25, rope_scaling={"name": "pi", "factor": 4.0})
+    cells = aggregate.table(aggregate.load_runs(tmp_path), "passkey", "accuracy")
+    assert dict(zip(cells.index.get_level_values("label"), cells[4096])) == {
+        "dca": "1", "dca+yarn(factor=2)": "0.5", "dca+pi(factor=4)": "0.25"}
+
+
+def test_cli_composes_a_rescaling_under_an_attention_method(tiny_dir, tmp_path):
+    overrides = ["model=hf", "method=dca", "method.rope_scaling={name:yarn,factor:2}", *tiny_overrides({}, tiny_dir)]
+    _, run_dir = run_from_config(compose_cell(overrides, tmp_path))
+    recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").method.rope_scaling)
+    assert recorded == {"name": "yarn", "factor": 2}
+    assert aggregate.label_methods(aggregate.load_runs(tmp_path)).tolist() == ["dca+yarn(factor=2)"]
 
 
 @pytest.mark.slow  # a Jupyter kernel starts and imports the stack: about 30 s on 2 cores

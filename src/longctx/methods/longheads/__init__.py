@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import Cache
 
-from longctx.methods.base import AttentionMethod, Method, MethodError
+from longctx.methods.base import AttentionMethod, MethodError
 from longctx.methods.longheads.attention import KERNELS, Geometry, longheads_attention
 from longctx.methods.longheads.cache import LongHeadsCache
 from longctx.methods.longheads.triton_kernel import shift_table, triton_available
@@ -38,8 +38,8 @@ class LongHeads(AttentionMethod):
             own working sets); lower it if a long prefill through kernel=reference runs out of memory.
         kernel: how the chosen chunks are attended: "triton" (fused GPU kernel), "torch" (stock torch, the CPU fast
             path), "reference" (the plain formulation), or "auto" (triton on CUDA when importable, else torch).
-        rope_scaling: optional PI / NTK to combine with, e.g. {"name": "pi", "factor": 2.0}; then A may exceed
-            the pretrained length by that factor.
+        rope_scaling: optional PI / static NTK / YaRN underneath (see AttentionMethod), e.g. {"name": "pi",
+            "factor": 2.0} or YaRN(factor=2); then A may exceed the pretrained length by that factor.
     """
 
     name = "longheads"
@@ -55,9 +55,9 @@ class LongHeads(AttentionMethod):
     record_selection: bool = True
     gather_budget: int = 2**21
     kernel: str = "auto"
-    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         begin = self.begin_selective_length or self.atten_length
         w, a = self.window_size, self.atten_length
         if w <= 0 or a % w:
@@ -71,20 +71,8 @@ class LongHeads(AttentionMethod):
         if self.kernel not in KERNELS:
             raise MethodError(f"longheads kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
         self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
-        self._rope_method: Method | None = None
         self.active_cache: LongHeadsCache | None = None
         self._shift_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _rope(self) -> Method | None:
-        if self.rope_scaling and self._rope_method is None:
-            from longctx.registry import build_method
-
-            params = dict(self.rope_scaling)
-            self._rope_method = build_method(params.pop("name"), **params)
-            if getattr(self._rope_method, "dynamic", False):
-                # dynamic scaling changes the frequencies with the length, under keys already cached and summarised
-                raise MethodError("longheads cannot combine with dynamic NTK; use rope_scaling={name: ntk, dynamic: false, factor: F} or pi")
-        return self._rope_method
 
     def check_device(self, device: torch.device) -> None:
         """kernel=triton needs CUDA and Triton: refused before any work, not at the first forward."""
@@ -92,31 +80,13 @@ class LongHeads(AttentionMethod):
             raise MethodError(f"longheads kernel=triton needs a CUDA device and the triton package (model on {device}); use kernel=auto or torch")
 
     def check_length(self, lm: LoadedModel, length: int) -> None:
-        self.check_device(lm.device)
-        rope_factor = float((self.rope_scaling or {}).get("factor") or 1.0)
+        super().check_length(lm, length)
+        rope_factor = self.rope_scaling.stretch(lm) if self.rope_scaling is not None else 1.0
         if self.atten_length > lm.pretrained_length * rope_factor:
             log.warning(
                 "longheads atten_length %d exceeds the pretrained length %d%s: heads will see unseen distances",
                 self.atten_length, lm.pretrained_length, f" x rope factor {rope_factor}" if rope_factor != 1 else "",
             )
-        if self._rope() is not None:
-            self._rope().check_length(lm, length)
-
-    def apply(self, lm: LoadedModel) -> None:
-        self.check_device(lm.device)
-        if self._rope() is not None:
-            self._rope().apply(lm)
-        try:
-            super().apply(lm)  # sets each layer's RoPE frequencies as module.longctx_inv_freq
-        except MethodError:
-            if self._rope() is not None:
-                self._rope().remove(lm)
-            raise
-
-    def remove(self, lm: LoadedModel) -> None:
-        super().remove(lm)
-        if self._rope() is not None:
-            self._rope().remove(lm)
 
     def shift_table(self, inv_freq: torch.Tensor, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shifts by 0..rows-1 chunks for the Triton kernel; built once, grown geometrically with the context."""
