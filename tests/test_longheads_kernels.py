@@ -9,14 +9,11 @@ import torch
 from conftest import tiny_llama
 from longctx.methods.base import with_cache
 from longctx.methods.longheads import LongHeads
-from longctx.methods.longheads.attention import Geometry, attend_reference, attend_slot_keys, block_selection
-from longctx.methods.longheads.triton_kernel import (
-    shift_table,
-    triton,
-    triton_block_selection,
-    triton_selective_attention,
-    triton_token_attention,
-)
+from longctx.methods.retrieval.geometry import Geometry
+from longctx.methods.retrieval.kernels import attend_reference as reference_with_lse
+from longctx.methods.retrieval.kernels import attend_torch
+from longctx.methods.retrieval.selection import block_selection as select_with_units
+from longctx.methods.retrieval.triton_kernel import shift_table, triton, triton_attend, triton_select
 
 needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
 on_gpu = torch.cuda.is_available()
@@ -27,16 +24,51 @@ if not on_gpu:
 DEVICE = "cuda" if on_gpu else "cpu"
 
 
+# LongHeads on the shared retrieval kernels: the first chunk is the sink, the previous and current chunks the recent
+# span (implied by the group's position), so a selection lists the first chunk and the K - 3 middle ones
+def attend_reference(*args):
+    return reference_with_lse(*args)[0]
+
+
+def attend_slot_keys(*args):
+    return attend_torch(*args)[0]
+
+
+def block_selection(query, summaries, q_start, block, geometry, inv_freq):
+    return select_with_units(query, summaries, q_start, block, geometry, query.shape[1], inv_freq)
+
+
+def triton_selective_attention(query, keys, values, chosen, q_start, block, window, table, scaling, out):
+    geometry = Geometry(window, 1, chosen.shape[-1] - 1, window, 0, block, 0, 2**20)
+    inv_freq = INV_FREQ[query.shape[-1], table[0].shape[1]]
+    triton_attend(query, keys, values, chosen, q_start, block, geometry, inv_freq, table, scaling, out)
+
+
+def triton_block_selection(query, summaries, q_start, block, window, slots, inv_freq):
+    geometry = Geometry(window, 1, slots - 3, window, 0, block, 0, 2**20)
+    return triton_select(query, summaries, q_start, block, geometry, query.shape[1], inv_freq)
+
+
+def triton_token_attention(query, keys, values, summaries, q_start, window, slots, inv_freq, table, scaling, out):
+    geometry = Geometry(window, 1, slots - 3, window, 0, 1, 0, 2**20)
+    chosen = triton_select(query, summaries, q_start, 1, geometry, query.shape[1], inv_freq)
+    triton_attend(query, keys, values, chosen, q_start, 1, geometry, inv_freq, table, scaling, out)
+    return chosen
+
+
+INV_FREQ = {}  # (head dim, rotary half-dims) -> the case's frequencies, for the Triton wrappers above
+
+
 def random_selection(q_start: int, q_len: int, block: int, window: int, slots: int, heads: int, seed: int):
-    """A valid choice per (head, block): first chunk, sorted distinct middle chunks, previous, current."""
+    """A valid choice per (head, block): first chunk, sorted distinct middle chunks (previous and current implied)."""
     generator = torch.Generator().manual_seed(seed)
     blocks = -(-q_len // block)
-    chosen = torch.empty(1, heads, blocks, slots, dtype=torch.long)
+    chosen = torch.empty(1, heads, blocks, slots - 2, dtype=torch.long)
     for g in range(blocks):
         current = (q_start + g * block) // window
         for h in range(heads):
             middle = torch.randperm(current - 2, generator=generator)[: slots - 3] + 1
-            chosen[0, h, g] = torch.tensor([0, *sorted(middle.tolist()), current - 1, current])
+            chosen[0, h, g] = torch.tensor([0, *sorted(middle.tolist())])
     return chosen
 
 
@@ -48,13 +80,15 @@ def case(window, slots, dim, q_heads, kv_heads, kv_len, q_len, block, rotary_hal
     values = torch.randn(1, kv_heads, kv_len, dim, generator=generator).to(DEVICE, dtype)
     inv_freq = 1.0 / (1000.0 ** (torch.arange(rotary_half or dim // 2, dtype=torch.float32) / (rotary_half or dim // 2)))
     chosen = random_selection(q_start, q_len, block, window, slots, q_heads, seed).to(DEVICE)
-    geometry = Geometry(window, slots, slots * window, block, 0, 2**20)
+    geometry = Geometry(window, 1, slots - 3, window, slots * window, block, 0, 2**20)
+    INV_FREQ[dim, inv_freq.numel()] = inv_freq.to(DEVICE)
     return query, keys, values, chosen, q_start, geometry, inv_freq.to(DEVICE)
 
 
-CASES = [  # window, slots, head dim, query heads, kv heads, kv_len, q_len, block (+ rotary half-dims)
+CASES = [  # window, slots, head dim, query heads, kv heads, kv_len, q_len, block (+ rotary half-dims); groups start at
+    # multiples of the block, as the method always makes them
     dict(window=16, slots=4, dim=16, q_heads=2, kv_heads=2, kv_len=160, q_len=96, block=16),  # MHA, aligned
-    dict(window=16, slots=5, dim=32, q_heads=4, kv_heads=2, kv_len=149, q_len=68, block=4),  # GQA 2, partial chunk
+    dict(window=16, slots=5, dim=32, q_heads=4, kv_heads=2, kv_len=148, q_len=68, block=4),  # GQA 2, partial chunk
     dict(window=32, slots=3, dim=16, q_heads=3, kv_heads=1, kv_len=200, q_len=40, block=8),  # MQA, unaligned length
     dict(window=16, slots=4, dim=16, q_heads=4, kv_heads=2, kv_len=150, q_len=7, block=1),  # per-token queries
     dict(window=16, slots=4, dim=16, q_heads=2, kv_heads=1, kv_len=133, q_len=1, block=1),  # one decoding step
@@ -99,6 +133,7 @@ def test_triton_token_kernel_selects_and_attends_like_reference(params, dtype):
     done = keys.shape[2] // geometry.window
     summaries = torch.randn(1, query.shape[1], done, query.shape[3], generator=torch.Generator().manual_seed(9)).to(DEVICE)
     scaling = query.shape[-1] ** -0.5
+    geometry = Geometry(geometry.window, 1, geometry.top_k, geometry.window, geometry.begin, 1, 0, 2**20)
     expected_chosen = block_selection(query, summaries, q_start, 1, geometry, inv_freq)
     expected = attend_reference(
         query.float(), keys.float(), values.float(), expected_chosen, q_start, 1, geometry, inv_freq, scaling
@@ -106,7 +141,7 @@ def test_triton_token_kernel_selects_and_attends_like_reference(params, dtype):
     out = torch.empty(1, query.shape[2], query.shape[1], query.shape[3], dtype=dtype, device=DEVICE)
     table = shift_table(inv_freq, geometry.window, done + 2, query.device)
     chosen = triton_token_attention(
-        query, keys, values, summaries, q_start, geometry.window, geometry.slots, inv_freq, table, scaling, out
+        query, keys, values, summaries, q_start, geometry.window, geometry.slots + 2, inv_freq, table, scaling, out
     )
     agree = (chosen.long() == expected_chosen).all(dim=-1).float().mean().item()
     assert agree >= (1.0 if dtype == torch.float32 else 0.95), agree  # bf16 queries may flip a near tie
@@ -124,7 +159,7 @@ def test_triton_block_selection_matches_torch_selection(params):
     done = keys.shape[2] // geometry.window
     summaries = torch.randn(1, query.shape[1], done, query.shape[3], generator=torch.Generator().manual_seed(5)).to(DEVICE)
     expected = block_selection(query, summaries, q_start, block, geometry, inv_freq)
-    got = triton_block_selection(query, summaries, q_start, block, geometry.window, geometry.slots, inv_freq)
+    got = triton_block_selection(query, summaries, q_start, block, geometry.window, geometry.slots + 2, inv_freq)
     assert torch.equal(got.long(), expected)
 
 

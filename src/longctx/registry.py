@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from longctx.methods.base import Method
 from longctx.methods.full import FullAttention
+from longctx.methods.infllm import InfLLM
 from longctx.methods.longheads import LongHeads
 from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
 from longctx.methods.window import SlidingWindow
@@ -26,6 +27,7 @@ from longctx.tasks.pg19 import PG19Perplexity
 
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
+    "infllm": InfLLM,
     "longheads": LongHeads,
     "pi": PositionInterpolation,
     "ntk": NTKScaling,

@@ -6,14 +6,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-from transformers import Cache
-
-from longctx.methods.base import AttentionMethod, Method, MethodError
-from longctx.methods.longheads.attention import KERNELS, Geometry, longheads_attention
-from longctx.methods.longheads.cache import LongHeadsCache
-from longctx.methods.longheads.triton_kernel import shift_table, triton_available
+from longctx.methods.base import Method, MethodError
+from longctx.methods.retrieval.geometry import Geometry
+from longctx.methods.retrieval.method import Retrieval
 from longctx.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -22,8 +17,11 @@ ATTENTION_NAME = "longheads"
 
 
 @dataclass
-class LongHeads(AttentionMethod):
+class LongHeads(Retrieval):
     """Every head attends to the few chunks that matter to it, at remapped positions within the trained range.
+
+    On the shared retrieval machinery (methods/retrieval/): chunks are its blocks, the first chunk its sink, the
+    previous and current chunk its recent span, K - 3 retrieved chunks per head, consecutive slots.
 
     Args:
         window_size: w, chunk length in tokens.
@@ -40,21 +38,19 @@ class LongHeads(AttentionMethod):
             path), "reference" (the plain formulation), or "auto" (triton on CUDA when importable, else torch).
         rope_scaling: optional PI / NTK to combine with, e.g. {"name": "pi", "factor": 2.0}; then A may exceed
             the pretrained length by that factor.
+        summary, sharing, positions, repr_topk: the retrieval seams (see `Retrieval`); LongHeads' own are
+            in_chunk_attention, head, consecutive. With positions=one_distance the previous chunk's far half and
+            every selected chunk sit at distance w - 1 (InfLLM's layout with a one-chunk local window).
     """
 
     name = "longheads"
     attention_name = ATTENTION_NAME
-    attention_function = staticmethod(longheads_attention)
     window_size: int = 256
     # 2048, not the paper's 4096: on the embedded 8k model A=4096 found the passkey 15/20 at 16k, A=2048 20/20 (README)
     atten_length: int = 2048
     begin_selective_length: int | None = None
     block_size: int = 64
     exact_tail: int = 64
-    cpu_offload: bool = False
-    record_selection: bool = True
-    gather_budget: int = 2**21
-    kernel: str = "auto"
     rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -68,12 +64,13 @@ class LongHeads(AttentionMethod):
             raise MethodError(f"longheads begin_selective_length ({begin}) must be a multiple of window_size and >= atten_length ({a})")
         if self.block_size <= 0 or w % self.block_size:
             raise MethodError(f"longheads block_size ({self.block_size}) must divide window_size ({w})")
-        if self.kernel not in KERNELS:
-            raise MethodError(f"longheads kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
-        self.geometry = Geometry(w, a // w, begin, self.block_size, max(0, self.exact_tail), self.gather_budget)
+        self.check_seams()
+        self.geometry = Geometry(
+            window=w, sink=1, top_k=a // w - 3, local=w, begin=begin, block=self.block_size,
+            exact_tail=max(0, self.exact_tail), gather_budget=self.gather_budget,
+            one_distance=w - 1 if self.positions == "one_distance" else None,
+        )
         self._rope_method: Method | None = None
-        self.active_cache: LongHeadsCache | None = None
-        self._shift_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rope(self) -> Method | None:
         if self.rope_scaling and self._rope_method is None:
@@ -85,11 +82,6 @@ class LongHeads(AttentionMethod):
                 # dynamic scaling changes the frequencies with the length, under keys already cached and summarised
                 raise MethodError("longheads cannot combine with dynamic NTK; use rope_scaling={name: ntk, dynamic: false, factor: F} or pi")
         return self._rope_method
-
-    def check_device(self, device: torch.device) -> None:
-        """kernel=triton needs CUDA and Triton: refused before any work, not at the first forward."""
-        if self.kernel == "triton" and not triton_available(device):
-            raise MethodError(f"longheads kernel=triton needs a CUDA device and the triton package (model on {device}); use kernel=auto or torch")
 
     def check_length(self, lm: LoadedModel, length: int) -> None:
         self.check_device(lm.device)
@@ -117,59 +109,3 @@ class LongHeads(AttentionMethod):
         super().remove(lm)
         if self._rope() is not None:
             self._rope().remove(lm)
-
-    def shift_table(self, inv_freq: torch.Tensor, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shifts by 0..rows-1 chunks for the Triton kernel; built once, grown geometrically with the context."""
-        key = (inv_freq.data_ptr(), str(device))
-        table = self._shift_tables.get(key)
-        if table is None or table[0].shape[0] < rows:
-            table = shift_table(inv_freq, self.window_size, max(rows, 2 * (0 if table is None else table[0].shape[0])), device)
-            self._shift_tables[key] = table
-        return table
-
-    def new_cache(self, lm_or_model, reserve: int = 0) -> LongHeadsCache:
-        """A fresh cache for one sequence; `generate()` and plain forward calls get one automatically.
-
-        reserve: tokens to allocate for at once when the sequence will be fed in pieces (see LongHeadsCache).
-        """
-        model = getattr(lm_or_model, "model", lm_or_model)
-        return self._fresh_cache(model.config, reserve)
-
-    def _fresh_cache(self, config, reserve: int = 0) -> LongHeadsCache:
-        return LongHeadsCache(
-            config, self.window_size, offload=self.cpu_offload, record_selection=self.record_selection, reserve=reserve
-        )
-
-    def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> LongHeadsCache:
-        """Every sequence carries a LongHeadsCache, even with use_cache=False: the summaries live there."""
-        if not isinstance(cache, LongHeadsCache):
-            if cache is not None and cache.get_seq_length() > 0:
-                raise MethodError("longheads needs its own cache: pass method.new_cache(model) as the cache, or none")
-            cache = self._fresh_cache(config)
-        self.active_cache = cache
-        return cache
-
-    def sample_figures(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The chunk-selection heatmap of the sample just finished (the runner's method-artefact hook); the chunks of
-        a needle the task reports as `needle_token`..`needle_end` are outlined."""
-        trace = self.trace()
-        if trace is None:
-            return {}
-        from longctx.viz import chunk_selection_heatmap
-
-        start, end = record.get("needle_token"), record.get("needle_end")
-        needle = list(range(start // self.window_size, (end - 1) // self.window_size + 1)) if None not in (start, end) else []
-        details = ", ".join(f"{key} {record[key]:.2f}" if isinstance(record[key], float) else f"{key} {record[key]}"
-                            for key in ("length", "depth", "correct", "book", "segment") if key in record)
-        title = f"{self.name} chunk selection, sample {record['sample']} ({details})"
-        return {f"chunk_selection_{record['sample']}": chunk_selection_heatmap(trace["chosen"], trace["num_chunks"], needle, title)}
-
-    def trace(self) -> dict[str, Any] | None:
-        """Chunks chosen per (layer, head) for the query that produced the first output token, and for later steps."""
-        trace = self.active_cache.trace if self.active_cache is not None else None
-        if trace is None:
-            return None
-        steps = [np.stack([step[layer].cpu().numpy() for layer in sorted(step)]) for step in trace.steps if step]
-        if not steps:
-            return None
-        return {"chosen": steps[0], "steps": steps, "num_chunks": trace.num_chunks, "window_size": self.window_size}
