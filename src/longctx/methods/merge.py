@@ -16,13 +16,14 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+    blind: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention and its log-sum-exp: (out [N, M, L, D], lse [N, M, L] float32).
+    """Softmax attention and its log-sum-exp: (out [N, M, L, D], lse [N, M, L], float32 or wider).
 
     query [N, M, L, D], key/value [N, M, S, D] (S > 0; any strides with a contiguous last dim), mask: additive float
-    mask broadcastable to [N, M, L, S] or None. A query that sees no key gets out = 0 and lse = -inf, so it adds
-    nothing to a merge.
+    mask broadcastable to [N, M, L, S] or None. `blind` (broadcastable to [N, M, L]) marks the queries the mask hides
+    every key from: they get out = 0 and lse = -inf, so they add nothing to a merge.
     """
     if mask is not None:
         mask = mask.to(query.dtype)
@@ -30,30 +31,29 @@ def attention_with_lse(
         out, lse = _CPU_FLASH(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
         lse = lse.float()
     else:
-        scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+        scores = torch.matmul(query, key.transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32)) * scaling
         if mask is not None:
             scores = scores + mask
         lse = scores.logsumexp(dim=-1)
-        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])  # a blind row: all zeros
         out = torch.matmul(probs.to(value.dtype), value)
-    if mask is not None:
-        # the flash kernel reports lse = 0 for a fully masked row; a merge must see -inf there
-        blind = (mask == float("-inf")).all(dim=-1)
-        if blind.any():
-            lse = lse.masked_fill(blind.expand_as(lse), float("-inf"))
-            out = out.masked_fill(blind.expand(lse.shape)[..., None], 0.0)
+    if blind is not None:  # the flash kernel reports lse = 0 for a fully masked row; a merge must see -inf there
+        lse = lse.masked_fill(blind, float("-inf"))
+        out = out.masked_fill(blind[..., None], 0.0)
     return out, lse
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over the union of the parts' keys, from each part's (out [..., L, D], lse [..., L]).
 
-    Returns (out in the first part's dtype, lse float32). Every query must see a key in at least one part.
+    Returns (out in the first part's dtype, lse). Every query must see a key in at least one part.
     """
-    if len(parts) == 1:
-        return parts[0]
-    lse = torch.stack([part_lse for _, part_lse in parts]).logsumexp(dim=0)
-    out = torch.zeros_like(parts[0][0], dtype=torch.float32)
-    for part_out, part_lse in parts:
-        out += part_out.float() * torch.exp(part_lse - lse)[..., None]
+    out, lse = parts[0]
+    for part_out, part_lse in parts[1:]:  # pairwise: few, large operations (they dominate on a busy CPU)
+        total = torch.logaddexp(lse, part_lse)
+        # weight of the merged-so-far part; a part that saw nothing (lse = -inf) gets weight 0
+        weight = torch.exp(lse - total)[..., None]
+        precision = torch.promote_types(out.dtype, torch.float32)
+        out = torch.lerp(part_out.to(precision), out.to(precision), weight.to(precision))
+        lse = total
     return out.to(parts[0][0].dtype), lse

@@ -25,7 +25,9 @@ from longctx.methods.rope import rotate
 
 # elements of far keys (and as many values) the torch kernel gathers at once: a few MB that stay in the CPU's
 # caches and in the allocator's free lists (a fresh allocation above 32 MB costs its page faults every time)
-TORCH_WORKING_SET = 2**22
+TORCH_WORKING_SET = 2**24
+# blocks (x batch x kv heads) rotated at once into the torch kernel's slot copies: bounds their temporaries
+SLOT_COPY_BLOCKS = 256
 
 
 def gather_blocks(cache: torch.Tensor, chosen: torch.Tensor, kv_head: torch.Tensor, window: int) -> torch.Tensor:
@@ -66,7 +68,8 @@ def attend_reference(
     chosen, kv_head = _heads_of(chosen, q_heads, keys.shape[1])
     per_group = max(1, geometry.gather_budget // (batch * q_heads * (slots * window + 2 * recent)))
     out = torch.empty_like(q)
-    lse = torch.empty(batch, q_heads, groups, block, dtype=torch.float32, device=device)
+    precision = torch.promote_types(query.dtype, torch.float32)
+    lse = torch.empty(batch, q_heads, groups, block, dtype=precision, device=device)
     for start in range(0, groups, per_group):
         group = slice(start, min(groups, start + per_group))
         pos = positions[group]  # [n, b]
@@ -103,8 +106,8 @@ def attend_reference(
                                        rotate(k_recent, -key_pos, inv_freq)).masked_fill(~far_recent, float("-inf")))
             gathered_values.append(v_recent)
         scores = torch.cat(scores, dim=-1)
-        lse[:, :, group] = scores.float().logsumexp(dim=-1)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        lse[:, :, group] = scores.to(precision).logsumexp(dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=precision).to(values.dtype)
         out[:, :, group] = probs @ torch.cat(gathered_values, dim=-2)
     return out.view(batch, q_heads, -1, dim)[:, :, :q_len], lse.view(batch, q_heads, -1)[:, :, :q_len]
 
@@ -123,141 +126,222 @@ def attend_torch(
     """Stock-torch kernel (see the module docstring): (out [B, Hq, L, D], lse [B, Hq, L]).
 
     Queries come in spans: aligned runs of max(block, w) that share one recent span (from block m to the span's
-    end); spans in the bulk of the run are batched, a partial one at either end goes alone.
+    end). Whole spans are batched (their masks are the same); a partial span at either end of the run goes alone.
+    Everything that does not depend on the batch (the turned queries, the far blocks' row indices, the masks) is
+    computed once per call: on a busy 2-core CPU each operation costs milliseconds whatever its size.
     """
     batch, q_heads, q_len, dim = query.shape
-    kv_len = keys.shape[2]
-    span = max(block, geometry.window)
-    dense = chosen.shape[-1] == 0
+    window, local, slots = geometry.window, geometry.local, chosen.shape[-1]
+    span = max(block, window)
+    if slots and chosen.shape[1] == 1:
+        chosen = chosen.expand(batch, keys.shape[1], *chosen.shape[2:])  # one selection per layer: every kv head reads it
+    positions = q_start + torch.arange(q_len, device=query.device)
+    group_start = q_start + torch.arange(q_len, device=query.device) // block * block
+    q_far = far = None
+    if geometry.one_distance is not None:
+        q_far = _at_one_distance(query, positions, geometry, inv_freq)
+    elif slots:  # the query ends the recent span, after the far slots: moved (slots - m) blocks on
+        first = torch.clamp((group_start - local) // window, min=0)
+        q_far = rotate(query, (slots - first) * window, inv_freq)
+    if slots:
+        far = FarBlocks(keys, values, chosen, geometry, inv_freq)
+    per_span_keys = batch * chosen.shape[1] * (span // block) * max(1, slots) * window * dim
+    per_batch = 1 if slots == 0 else max(1, TORCH_WORKING_SET // per_span_keys)
+    masks: dict[tuple, tuple] = {}
     out = torch.empty_like(query)
-    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
-    units = max(chosen.shape[1], keys.shape[1])
-    far_keys_per_span = batch * units * max(1, chosen.shape[-1]) * (span // block) * geometry.window * dim
-    per_batch = 1 if dense else max(1, TORCH_WORKING_SET // far_keys_per_span)
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.promote_types(query.dtype, torch.float32), device=query.device)
     position, end = q_start, q_start + q_len
     while position < end:
         span_start = position // span * span
-        whole = (end - span_start) // span if position == span_start and span_start + span <= kv_len else 0
+        whole = (end - span_start) // span if position == span_start and span_start + span <= keys.shape[2] else 0
         spans = max(1, min(whole, per_batch))
         stop = min(end, span_start + spans * span)
         rows = slice(position - q_start, stop - q_start)
-        groups = slice((position - q_start) // block, -(-(stop - q_start) // block))
-        out[:, :, rows], lse[:, :, rows] = _attend_spans(
-            query[:, :, rows], keys, values, chosen[:, :, groups], span_start, position, spans, span, block,
-            geometry, inv_freq, scaling,
-        )
+        parts = _recent_attention(query[:, :, rows], None if q_far is None else q_far[:, :, rows], keys, values,
+                                  span_start, position, spans, span, slots == 0, geometry, inv_freq, scaling, masks)
+        if slots:
+            groups = slice((position - q_start) // block, -(-(stop - q_start) // block))
+            parts.append(_far_attention(q_far[:, :, rows], far, chosen[:, :, groups], groups, block, scaling))
+        out[:, :, rows], lse[:, :, rows] = merge_attention(parts)
         position = stop
     return out, lse
 
 
-def _attend_spans(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor, span_start: int,
-    q_start: int, spans: int, span: int, block: int, geometry: Geometry, inv_freq: torch.Tensor, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`spans` consecutive spans from span_start (a partial one when spans == 1): query [B, Hq, n, D] are the rows
-    from q_start on; chosen [B, U, groups, S] their groups' far blocks."""
+def _recent_attention(
+    query: torch.Tensor, q_far: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, span_start: int,
+    q_start: int, spans: int, span: int, dense: bool, geometry: Geometry, inv_freq: torch.Tensor, scaling: float,
+    masks: dict,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of the rows from q_start of `spans` spans from span_start to their recent span, as parts to merge
+    ([B, Hq, rows, D], [B, Hq, rows]): at true positions, and for the one-distance layout beyond the local window at
+    the one distance (q_far: the queries turned there)."""
     batch, q_heads, rows, dim = query.shape
-    kv_heads, device = keys.shape[1], query.device
-    window, local, slots = geometry.window, geometry.local, chosen.shape[-1]
+    window, local = geometry.window, geometry.local
     per_span = rows // spans  # == span when several spans come together
     lead = q_start - span_start  # rows of the (single) span before the first query
-    # the recent span of a span's queries starts `back` tokens before the span: local (rounded to blocks), or at 0
-    back = span_start if slots == 0 else span_start - max(0, span_start - local) // window * window
-    starts = span_start + torch.arange(spans, device=device) * span
-    q = query.view(batch, q_heads, spans, per_span, dim)
-    positions = starts[:, None] + lead + torch.arange(per_span, device=device)  # [n, r]
-    # recent keys: one window of back + span tokens per span, views into the cache (overlapping, no copy)
+    # the recent span of a span's queries starts `back` tokens before the span: `local` in whole blocks, or at 0
+    back = span_start if dense else span_start - max(0, span_start - local) // window * window
     width = back + span
     lo, hi = span_start - back, span_start - back + (spans - 1) * span + width
     source_k, source_v = keys[:, :, lo : min(hi, keys.shape[2])], values[:, :, lo : min(hi, keys.shape[2])]
     if hi > keys.shape[2]:  # only a last, partial span reaches past the cache
         source_k, source_v = (F.pad(t, (0, 0, 0, hi - keys.shape[2])) for t in (source_k, source_v))
-    k_win = source_k.to(device).unfold(2, width, span).transpose(-1, -2)  # [B, Hkv, n, width, D]
-    v_win = source_v.to(device).unfold(2, width, span).transpose(-1, -2)
-    distance = (back + lead + torch.arange(per_span, device=device))[:, None] - torch.arange(width, device=device)
-    near = distance >= 0
-    if geometry.one_distance is not None:
-        near = near & (distance < local)
-    parts = [_shared_attention(q, k_win, v_win, near, scaling)]
-    q_far = None
-    if geometry.one_distance is not None:
-        q_far = _at_one_distance(q, positions, geometry, inv_freq)
-        reach = back + span - local  # window tokens some query of the span sees beyond its local window
-        if reach > 0:
-            key_positions = starts[:, None] - back + torch.arange(reach, device=device)
-            k_raw = rotate(k_win[:, :, :, :reach], -key_positions, inv_freq)
-            parts.append(_shared_attention(q_far, k_raw, v_win[:, :, :, :reach], distance[:, :reach] >= local, scaling))
-    if slots:
-        parts += _far_blocks(q, q_far, keys, values, chosen, positions, block, geometry, inv_freq, scaling)
-    out, lse = merge_attention(parts)
-    return out.reshape(batch, q_heads, rows, dim), lse.reshape(batch, q_heads, rows)
+    # one window of back + span tokens per span: views into the cache (overlapping, no copy)
+    k_win = source_k.to(query.device).unfold(2, width, span).transpose(-1, -2)  # [B, Hkv, n, width, D]
+    v_win = source_v.to(query.device).unfold(2, width, span).transpose(-1, -2)
+    reach = back + span - local if geometry.one_distance is not None else 0  # tokens some query sees beyond its window
+    key = (back, lead, per_span, width)
+    if key not in masks:
+        distance = (back + lead + torch.arange(per_span, device=query.device))[:, None] - torch.arange(width, device=query.device)
+        near = (distance >= 0) & (distance < local if geometry.one_distance is not None else True)
+        masks[key] = (_mask(near, query), _mask(distance[:, :reach] >= local, query) if reach > 0 else None)
+    near_mask, far_mask = masks[key]
+    q = query.view(batch, q_heads, spans, per_span, dim)
+    parts = [_shared_attention(q, k_win, v_win, near_mask, scaling)]
+    if reach > 0:  # beyond the local window, the same tokens without RoPE, seen by the query at the one distance
+        key_positions = lo + torch.arange(spans, device=query.device)[:, None] * span + torch.arange(reach, device=query.device)
+        k_raw = rotate(k_win[:, :, :, :reach], -key_positions, inv_freq)
+        parts.append(_shared_attention(q_far.view(batch, q_heads, spans, per_span, dim), k_raw, v_win[:, :, :, :reach],
+                                       far_mask, scaling))
+    return [(o.reshape(batch, q_heads, rows, dim), l.reshape(batch, q_heads, rows)) for o, l in parts]
+
+
+def _mask(visible: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(additive float mask [r, s], the rows it hides every key from, or None)."""
+    additive = torch.zeros(visible.shape, dtype=like.dtype, device=like.device).masked_fill_(~visible, float("-inf"))
+    blind = ~visible.any(dim=-1)
+    return additive, (blind if bool(blind.any()) else None)
 
 
 def _shared_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scaling: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tuple, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query head of a key/value head over the same keys: q [B, Hq, n, r, D], k/v [B, Hkv, n, s, D], visible
-    [r, s] (the same for every span). The heads of a GQA group are stacked along the query axis, not the keys copied."""
+    """Every query head of a key/value head over the same keys: q [B, Hq, n, r, D], k/v [B, Hkv, n, s, D], mask from
+    `_mask` ([r, s], the same for every span). A GQA group's heads are stacked along the query axis (keys not copied)."""
     batch, q_heads, spans, rows, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[3]
     group = q_heads // kv_heads
+    additive, blind = mask
     stacked = q.view(batch, kv_heads, group, spans, rows, dim).transpose(2, 3).reshape(batch * kv_heads, spans, group * rows, dim)
-    mask = torch.zeros(rows, keys, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf")).repeat(group, 1)
     out, lse = attention_with_lse(stacked, k.reshape(batch * kv_heads, spans, keys, dim),
-                                  v.reshape(batch * kv_heads, spans, keys, dim), mask, scaling)
+                                  v.reshape(batch * kv_heads, spans, keys, dim),
+                                  additive if group == 1 else additive.repeat(group, 1), scaling,
+                                  blind=None if blind is None else blind.repeat(group))
     out = out.view(batch, kv_heads, spans, group, rows, dim).transpose(2, 3).reshape(batch, q_heads, spans, rows, dim)
     return out, lse.view(batch, kv_heads, spans, group, rows).transpose(2, 3).reshape(batch, q_heads, spans, rows)
 
 
-def _far_blocks(
-    q: torch.Tensor, q_far: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor,
-    positions: torch.Tensor, block: int, geometry: Geometry, inv_freq: torch.Tensor, scaling: float,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Attention of q [B, Hq, n, r, D] to their groups' far blocks, as parts to merge ([B, Hq, n, r, D] each)."""
-    batch, q_heads, spans, rows, dim = q.shape
-    kv_heads, window, device = keys.shape[1], geometry.window, q.device
-    slots = chosen.shape[-1]
-    if chosen.shape[1] == 1:
-        chosen = chosen.expand(batch, kv_heads, *chosen.shape[2:])  # one selection per layer: every key/value head reads it
-    units, groups = chosen.shape[1], chosen.shape[2]
-    per_unit = q_heads // units
-    padded = groups * block  # the last group of the run may be partial
-    flat = positions.reshape(-1)
-    first = torch.clamp((flat[::block] // block * block - geometry.local) // window, min=0)  # m of each group [G]
+def _far_attention(
+    q_far: torch.Tensor, far: "FarBlocks", chosen: torch.Tensor, groups: slice, block: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries [B, Hq, rows, D] (turned as the layout wants, the first one starting a group) to their
+    groups' far blocks: (out [B, Hq, rows, D], lse [B, Hq, rows])."""
+    batch, q_heads, rows, dim = q_far.shape
+    units, count, slots = chosen.shape[1], chosen.shape[2], chosen.shape[3]
+    per_unit, window = q_heads // units, far.window
+    k_far, v_far = far.gather(groups, q_far.device)  # [B * U * G * S, w * D] each
+    q = F.pad(q_far, (0, 0, 0, count * block - rows))  # the last group of a run may be partial
+    if per_unit > 1:  # a unit's heads stacked along the query axis
+        q = q.view(batch, units, per_unit, count, block, dim).transpose(2, 3)
+    q = q.reshape(batch * units, count, per_unit * block, dim)
+    out, lse = attention_with_lse(q, k_far.view(batch * units, count, slots * window, dim),
+                                  v_far.view(batch * units, count, slots * window, dim), None, scaling)
+    if per_unit > 1:
+        out = out.view(batch, units, count, per_unit, block, dim).transpose(2, 3)
+        lse = lse.view(batch, units, count, per_unit, block).transpose(2, 3)
+    return out.reshape(batch, q_heads, -1, dim)[:, :, :rows], lse.reshape(batch, q_heads, -1)[:, :, :rows]
 
-    def by_unit(x: torch.Tensor) -> torch.Tensor:  # [B, Hq, G, ..., b, D] -> [B * U, G * ..., per_unit * b, D]
-        x = x.view(batch, units, per_unit, *x.shape[2:]).movedim(2, -3)  # a unit's heads next to their rows
-        return x.reshape(batch * units, -1, per_unit * block, dim)
 
-    kv_head = torch.arange(units) // (units // kv_heads)
-    k_far = gather_blocks(keys, chosen, kv_head, window).to(device)  # [B, U, G, S, w, D]
-    v_far = gather_blocks(values, chosen, kv_head, window).to(device)
-    q_rows = F.pad(q.reshape(batch, q_heads, -1, dim), (0, 0, 0, padded - spans * rows)).view(batch, q_heads, groups, block, dim)
-    if geometry.one_distance is None:
-        # block c in slot i moves n = m - c - (S - i) blocks toward the query: the query is turned back by n * w,
-        # once per slot, and attends to each slot's keys in its own call (merged with the rest by log-sum-exp)
-        shift = (first[:, None] - chosen - (slots - torch.arange(slots, device=device))) * window  # [B, U, G, S]
-        shift = shift.repeat_interleave(per_unit, dim=1)  # [B, Hq, G, S]
-        q_slots = rotate(q_rows[:, :, :, None], -shift[..., None], inv_freq)  # [B, Hq, G, S, b, D]
-        out, lse = attention_with_lse(
-            by_unit(q_slots), k_far.reshape(batch * units, groups * slots, window, dim),
-            v_far.reshape(batch * units, groups * slots, window, dim), None, scaling,
+class FarBlocks:
+    """The far blocks of one call, gathered already turned to where the layout puts them: consecutive slots (block c
+    in slot i rotated by (i - c) * w, the query turned once per group) or no RoPE (one distance).
+
+    How they are turned is chosen here, once: when a call gathers more keys than the layer's cache holds (a prefill),
+    each retrieved slot gets a rotated copy of the cache's blocks and the picks are read from those copies (top_k
+    rotations of the cache instead of one per pick); a decoding step rotates the few blocks it gathers. Both apply the
+    same rotation to the same keys, so prefill and decoding agree to the last bit. Gathers go into buffers allocated
+    once per call.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor, geometry: Geometry, inv_freq: torch.Tensor) -> None:
+        batch, kv_heads, length, dim = keys.shape
+        units = chosen.shape[1]
+        self.geometry, self.inv_freq, self.kv_heads, self.window, self.chosen = geometry, inv_freq, kv_heads, geometry.window, chosen
+        self.key_rows, per_head = _block_rows(keys, self.window)
+        self.value_rows, _ = _block_rows(values, self.window)
+        head = (torch.arange(batch, device=chosen.device)[:, None] * kv_heads
+                + torch.arange(units, device=chosen.device) // (units // kv_heads))  # [B, U]: batch x kv head
+        self.value_index = (head * per_head)[:, :, None, None] + chosen  # [B, U, G, S] rows of the cache
+        self.key_index, self.copies = self.value_index, None
+        if geometry.one_distance is None and chosen.numel() * self.window > geometry.top_k * kv_heads * length * batch:
+            self.copies = self._slot_copies(keys, per_head)
+            slot = torch.arange(chosen.shape[-1], device=chosen.device)
+            per_slot = batch * kv_heads * per_head
+            in_copy = (slot - geometry.sink) * per_slot + self.value_index  # a retrieved slot reads its rotated copy,
+            in_sink = geometry.top_k * per_slot + (head * geometry.sink)[:, :, None, None] + chosen  # a sink slot the sink rows
+            self.key_index = torch.where(slot >= geometry.sink, in_copy, in_sink)
+        self.buffers: list[torch.Tensor | None] = [None, None]
+
+    def _slot_copies(self, keys: torch.Tensor, per_head: int) -> torch.Tensor:
+        """Rows [top_k * B * Hkv * per_head + B * Hkv * sink, w * D]: every complete block rotated into each retrieved
+        slot, then the sink blocks as cached (sink slot i always holds block i, at its own position)."""
+        geometry, window = self.geometry, self.window
+        batch, kv_heads, length, dim = keys.shape
+        complete, heads = length // window, batch * kv_heads
+        per_slot = heads * per_head
+        copies = torch.empty(geometry.top_k * per_slot + heads * geometry.sink, window * dim, dtype=keys.dtype, device=keys.device)
+        retrieved = copies[: geometry.top_k * per_slot].view(geometry.top_k, heads, per_head, window * dim)
+        blocks = keys[:, :, : complete * window].reshape(heads, complete, window, dim)
+        step = max(1, SLOT_COPY_BLOCKS // heads)  # blocks rotated at once: bounded temporaries
+        for first in range(0, complete, step):
+            last = min(complete, first + step)
+            start = torch.arange(first, last, device=keys.device)[:, None] * window
+            for index, slot in enumerate(range(geometry.sink, geometry.slots)):
+                rotated = rotate(blocks[:, first:last], slot * window - start, self.inv_freq)
+                retrieved[index, :, first:last] = rotated.view(heads, last - first, window * dim)
+        copies[geometry.top_k * per_slot :].view(heads, geometry.sink, window * dim).copy_(
+            blocks[:, : geometry.sink].reshape(heads, geometry.sink, window * dim)
         )
-        out = out.view(batch, units, groups, slots, per_unit, block, dim).movedim(4, 2).reshape(batch, q_heads, groups, slots, block, dim)
-        lse = lse.view(batch, units, groups, slots, per_unit, block).movedim(4, 2).reshape(batch, q_heads, groups, slots, block)
-        return [_to_spans(out[:, :, :, slot], lse[:, :, :, slot], spans, rows) for slot in range(slots)]
-    q_rows = F.pad(q_far.reshape(batch, q_heads, -1, dim), (0, 0, 0, padded - spans * rows)).view(batch, q_heads, groups, block, dim)
-    key_positions = chosen[..., None] * window + torch.arange(window, device=device)  # [B, U, G, S, w]
-    k_raw = rotate(k_far, -key_positions.to(device), inv_freq).view(batch * units, groups, slots * window, dim)
-    out, lse = attention_with_lse(by_unit(q_rows), k_raw, v_far.view(batch * units, groups, slots * window, dim), None, scaling)
-    out = out.view(batch, units, groups, per_unit, block, dim).transpose(2, 3).reshape(batch, q_heads, groups, block, dim)
-    lse = lse.view(batch, units, groups, per_unit, block).transpose(2, 3).reshape(batch, q_heads, groups, block)
-    return [_to_spans(out, lse, spans, rows)]
+        return copies
+
+    def gather(self, groups: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the far blocks of `groups`, turned for the layout: [B * U * G * S, w * D] each."""
+        keys = self._select(0, self.key_rows if self.copies is None else self.copies, self.key_index[:, :, groups])
+        values = self._select(1, self.value_rows, self.value_index[:, :, groups]).to(device)
+        if self.copies is not None:
+            return keys.to(device), values
+        chosen = self.chosen[:, :, groups].to(device)
+        dim = keys.shape[1] // self.window
+        turned = self.turn(keys.to(device).view(*chosen.shape, self.window, dim), chosen)
+        return turned.view(-1, self.window * dim), values
+
+    def turn(self, keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Gathered blocks [B, U, G, S, w, D] as cached -> where the layout puts them."""
+        window = self.window
+        if self.geometry.one_distance is not None:  # no RoPE: each key turned back by its position
+            return rotate(keys, -(chosen[..., None] * window + torch.arange(window, device=keys.device)), self.inv_freq)
+        slot = torch.arange(chosen.shape[-1], device=keys.device)
+        return rotate(keys, ((slot - chosen) * window)[..., None], self.inv_freq)
+
+    def _select(self, buffer: int, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """index_select of rows into a buffer kept for the whole call."""
+        index = index.reshape(-1).to(source.device)
+        out = self.buffers[buffer]
+        if out is None or out.shape[0] < index.numel():
+            out = self.buffers[buffer] = torch.empty(index.numel(), source.shape[1], dtype=source.dtype, device=source.device)
+        return torch.index_select(source, 0, index, out=out[: index.numel()])
 
 
-def _to_spans(out: torch.Tensor, lse: torch.Tensor, spans: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, Hq, G, b, D] per group (last one padded) -> [B, Hq, n, r, D] per span."""
-    batch, q_heads = out.shape[:2]
-    out = out.reshape(batch, q_heads, -1, out.shape[-1])[:, :, : spans * rows]
-    lse = lse.reshape(batch, q_heads, -1)[:, :, : spans * rows]
-    return out.view(batch, q_heads, spans, rows, -1), lse.view(batch, q_heads, spans, rows)
+def _block_rows(cache: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
+    """(rows [B * Hkv * blocks_per_head, w * D], blocks_per_head): the cache's blocks as rows. The retrieval cache
+    grows by whole blocks, so its store holds a whole number of them per (batch, kv head): a view then, else a copy
+    of the complete blocks."""
+    batch, kv_heads, length, dim = cache.shape
+    head_stride = cache.stride(1)
+    if cache.stride(3) == 1 and cache.stride(2) == dim and head_stride % (window * dim) == 0 and (
+        batch == 1 or cache.stride(0) == kv_heads * head_stride
+    ):
+        per_head = head_stride // (window * dim)
+        return cache.as_strided((batch * kv_heads * per_head, window * dim), (window * dim, 1)), per_head
+    complete = length // window
+    return cache[:, :, : complete * window].reshape(batch * kv_heads * complete, window * dim), complete

@@ -26,13 +26,14 @@ def selection_units(sharing: str, q_heads: int, kv_heads: int) -> int:
 
 
 def mean_raw_queries(query: torch.Tensor, q_start: int, block: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """The mean query without RoPE of each group of `block` queries [B, Hq, L, D] at positions q_start..: float32
-    [B, Hq, groups, D] (the last group may be partial)."""
+    """The mean query without RoPE of each group of `block` queries [B, Hq, L, D] at positions q_start..: float32 (or
+    wider) [B, Hq, groups, D] (the last group may be partial)."""
     batch, q_heads, q_len, dim = query.shape
     groups = -(-q_len // block)
     positions = q_start + torch.arange(groups * block, device=query.device).view(groups, block)
     valid = (positions < q_start + q_len).float()
-    raw = rotate(F.pad(query, (0, 0, 0, groups * block - q_len)).view(batch, q_heads, groups, block, dim).float(),
+    precision = torch.promote_types(query.dtype, torch.float32)
+    raw = rotate(F.pad(query, (0, 0, 0, groups * block - q_len)).view(batch, q_heads, groups, block, dim).to(precision),
                  -positions, inv_freq)
     return (raw * valid[..., None]).sum(dim=-2) / valid.sum(dim=-1)[:, None]
 
@@ -52,7 +53,7 @@ def block_selection(
         scoring = rotate(scoring, torch.tensor(distance, device=scoring.device), inv_freq)
     batch, q_heads, groups, _ = scoring.shape
     group_starts = q_start + torch.arange(groups, device=query.device) * block
-    scores = torch.einsum("bhgd,bhcd->bhgc", scoring, summaries)
+    scores = torch.einsum("bhgd,bhcd->bhgc", scoring, summaries.to(scoring.dtype))
     scores = scores.view(batch, units, q_heads // units, groups, -1).sum(dim=2)
     block_ids = torch.arange(summaries.shape[2], device=scores.device)
     first_recent = torch.clamp((group_starts - geometry.local) // geometry.window, min=0)

@@ -124,7 +124,7 @@ class RepresentativeTokens:
     def start(self, state: LayerState, query, key, value, geometry: Geometry, inv_freq, scaling: float) -> None:
         """Open a score of 0 for every token this call brings."""
         batch, q_heads, q_len, _ = query.shape
-        fresh = torch.zeros(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
+        fresh = torch.zeros(batch, q_heads, q_len, dtype=torch.promote_types(query.dtype, torch.float32), device=query.device)
         state.pending_scores = fresh if state.pending_scores is None else torch.cat((state.pending_scores, fresh), dim=2)
         if state.done_chunks * geometry.window + state.pending_scores.shape[2] != key.shape[2]:
             raise RuntimeError("retrieval cache out of step with the key cache: use one cache per sequence")
@@ -148,7 +148,7 @@ class RepresentativeTokens:
         kv_head = torch.arange(q_heads, device=key.device) // (q_heads // kv_heads)
         flat = positions.flatten(2).to(key.device)  # [B, Hq, new * r]
         picked = key[torch.arange(batch, device=key.device)[:, None, None], kv_head[None, :, None], flat]
-        raw = rotate(picked.to(device, torch.float32), -flat.to(device), inv_freq)
+        raw = rotate(picked.to(device, torch.promote_types(key.dtype, torch.float32)), -flat.to(device), inv_freq)
         summaries = raw.view(batch, q_heads, new, -1, key.shape[-1]).mean(dim=-2)
         state.keys = summaries if state.keys is None else torch.cat((state.keys, summaries), dim=2)
         state.pending_scores = state.pending_scores[:, :, new * window :]
@@ -173,10 +173,11 @@ class RepresentativeTokens:
         for first in range(0, q_len, rows):
             last = min(q_len, first + rows)
             lo, hi = max(offset, q_start + first - local + 1), q_start + last
-            k = key[:, :, lo:hi].to(query.device, torch.float32)
-            q = query[:, :, first:last].float().reshape(batch, kv_heads, group * (last - first), dim)
+            precision = torch.promote_types(query.dtype, torch.float32)
+            k = key[:, :, lo:hi].to(query.device, precision)
+            q = query[:, :, first:last].to(precision).reshape(batch, kv_heads, group * (last - first), dim)
             scores = (q @ k.transpose(-1, -2)).view(batch, kv_heads, group, last - first, hi - lo) * scaling
             distance = (q_start + torch.arange(first, last, device=q.device))[:, None] - torch.arange(lo, hi, device=q.device)
             seen = (distance >= 0) & (distance < local)
             probs = torch.exp(scores - lse[:, :, first:last].view(batch, kv_heads, group, -1, 1)).masked_fill(~seen, 0.0)
-            state.pending_scores[:, :, lo - offset : hi - offset] += probs.sum(dim=-2).view(batch, q_heads, hi - lo)
+            state.pending_scores[:, :, lo - offset : hi - offset] += probs.sum(dim=-2).view(batch, q_heads, hi - lo).to(state.pending_scores.dtype)
