@@ -80,9 +80,12 @@ def retrieval_attention(module, query, key, value, attention_mask, scaling=None,
                 lse = triton_attend(
                     query[:, :, rows], key, value, chosen, piece, block, geometry, inv_freq, table, scaling, out[:, rows]
                 )
+            elif kernel == "torch":
+                out_heads[:, :, rows], lse = attend_torch(query[:, :, rows], key, value, chosen, piece, block, geometry,
+                                                          inv_freq, scaling, workspace=cache.workspace)
             else:
-                attend = attend_torch if kernel == "torch" else attend_reference
-                out_heads[:, :, rows], lse = attend(query[:, :, rows], key, value, chosen, piece, block, geometry, inv_freq, scaling)
+                out_heads[:, :, rows], lse = attend_reference(query[:, :, rows], key, value, chosen, piece, block, geometry,
+                                                              inv_freq, scaling)
             summary.after(state, query[:, :, rows], key, lse, piece, geometry, inv_freq, scaling)
             last = (chosen[:, :, -1], stop - 1, block)
             piece = stop

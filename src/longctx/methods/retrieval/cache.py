@@ -159,6 +159,7 @@ class RetrievalCache(DynamicCache):
         self.offload = offload
         self.summaries: dict[int, LayerState] = {}
         self.trace = SelectionTrace() if record_selection else None
+        self.workspace: dict[str, torch.Tensor] = {}  # the torch kernel's buffers, reused from one layer to the next
 
     def layer_state(self, layer_idx: int) -> LayerState:
         return self.summaries.setdefault(layer_idx, LayerState())

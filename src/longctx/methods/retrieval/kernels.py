@@ -122,13 +122,17 @@ def _at_one_distance(q: torch.Tensor, positions: torch.Tensor, geometry: Geometr
 def attend_torch(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor,
     q_start: int, block: int, geometry: Geometry, inv_freq: torch.Tensor, scaling: float,
+    workspace: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stock-torch kernel (see the module docstring): (out [B, Hq, L, D], lse [B, Hq, L]).
 
     Queries come in spans: aligned runs of max(block, w) that share one recent span (from block m to the span's
     end). Whole spans are batched (their masks are the same); a partial span at either end of the run goes alone.
-    Everything that does not depend on the batch (the turned queries, the far blocks' row indices, the masks) is
-    computed once per call: on a busy 2-core CPU each operation costs milliseconds whatever its size.
+    The softmax comes in parts merged by log-sum-exp: the recent span (and, at one distance, its tokens beyond the
+    local window), the sink blocks (the same for every query: read in place) and the retrieved blocks (gathered).
+    Everything that does not depend on the batch (the turned queries, the retrieved blocks' rows, the masks) is
+    computed once per call: on a busy 2-core CPU each operation costs milliseconds whatever its size. `workspace`
+    (the sequence's cache keeps one) holds the large buffers from one layer to the next.
     """
     batch, q_heads, q_len, dim = query.shape
     window, local, slots = geometry.window, geometry.local, chosen.shape[-1]
@@ -137,14 +141,19 @@ def attend_torch(
         chosen = chosen.expand(batch, keys.shape[1], *chosen.shape[2:])  # one selection per layer: every kv head reads it
     positions = q_start + torch.arange(q_len, device=query.device)
     group_start = q_start + torch.arange(q_len, device=query.device) // block * block
-    q_far = far = None
+    q_far = sink = retrieved = None
     if geometry.one_distance is not None:
         q_far = _at_one_distance(query, positions, geometry, inv_freq)
     elif slots:  # the query ends the recent span, after the far slots: moved (slots - m) blocks on
         first = torch.clamp((group_start - local) // window, min=0)
         q_far = rotate(query, (slots - first) * window, inv_freq)
-    if slots:
-        far = FarBlocks(keys, values, chosen, geometry, inv_freq)
+    if slots and geometry.sink:  # sink slot i always holds block i; at one distance, without RoPE
+        sink_keys, sink_values = keys[:, :, : geometry.sink * window], values[:, :, : geometry.sink * window]
+        if geometry.one_distance is not None:
+            sink_keys = rotate(sink_keys, -torch.arange(geometry.sink * window, device=keys.device), inv_freq)
+        sink = (sink_keys.to(query.device), sink_values.to(query.device))
+    if slots > geometry.sink:
+        retrieved = RetrievedBlocks(keys, values, chosen[..., geometry.sink :], geometry, inv_freq, workspace)
     per_span_keys = batch * chosen.shape[1] * (span // block) * max(1, slots) * window * dim
     per_batch = 1 if slots == 0 else max(1, TORCH_WORKING_SET // per_span_keys)
     masks: dict[tuple, tuple] = {}
@@ -159,9 +168,11 @@ def attend_torch(
         rows = slice(position - q_start, stop - q_start)
         parts = _recent_attention(query[:, :, rows], None if q_far is None else q_far[:, :, rows], keys, values,
                                   span_start, position, spans, span, slots == 0, geometry, inv_freq, scaling, masks)
-        if slots:
+        if sink is not None:
+            parts.append(_sink_attention(q_far[:, :, rows], *sink, scaling))
+        if retrieved is not None:
             groups = slice((position - q_start) // block, -(-(stop - q_start) // block))
-            parts.append(_far_attention(q_far[:, :, rows], far, chosen[:, :, groups], groups, block, scaling))
+            parts.append(_retrieved_attention(q_far[:, :, rows], retrieved, groups, block, scaling))
         out[:, :, rows], lse[:, :, rows] = merge_attention(parts)
         position = stop
     return out, lse
@@ -214,32 +225,42 @@ def _mask(visible: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _shared_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tuple, scaling: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tuple | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query head of a key/value head over the same keys: q [B, Hq, n, r, D], k/v [B, Hkv, n, s, D], mask from
-    `_mask` ([r, s], the same for every span). A GQA group's heads are stacked along the query axis (keys not copied)."""
+    `_mask` ([r, s], the same for every span) or None. A GQA group's heads are stacked along the query axis (keys not
+    copied)."""
     batch, q_heads, spans, rows, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[3]
     group = q_heads // kv_heads
-    additive, blind = mask
+    additive, blind = mask if mask is not None else (None, None)
     stacked = q.view(batch, kv_heads, group, spans, rows, dim).transpose(2, 3).reshape(batch * kv_heads, spans, group * rows, dim)
     out, lse = attention_with_lse(stacked, k.reshape(batch * kv_heads, spans, keys, dim),
                                   v.reshape(batch * kv_heads, spans, keys, dim),
-                                  additive if group == 1 else additive.repeat(group, 1), scaling,
+                                  None if additive is None else additive.repeat(group, 1), scaling,
                                   blind=None if blind is None else blind.repeat(group))
     out = out.view(batch, kv_heads, spans, group, rows, dim).transpose(2, 3).reshape(batch, q_heads, spans, rows, dim)
     return out, lse.view(batch, kv_heads, spans, group, rows).transpose(2, 3).reshape(batch, q_heads, spans, rows)
 
 
-def _far_attention(
-    q_far: torch.Tensor, far: "FarBlocks", chosen: torch.Tensor, groups: slice, block: int, scaling: float
+def _sink_attention(q_far: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [B, Hq, rows, D] (turned as the layout wants) over the sink blocks [B, Hkv, sink * w, D]: every query's
+    first slots, so one call over all rows, the cache read in place."""
+    batch, q_heads, rows, dim = q_far.shape
+    out, lse = _shared_attention(q_far.view(batch, q_heads, 1, rows, dim), keys[:, :, None], values[:, :, None], None, scaling)
+    return out.view(batch, q_heads, rows, dim), lse.view(batch, q_heads, rows)
+
+
+def _retrieved_attention(
+    q_far: torch.Tensor, retrieved: "RetrievedBlocks", groups: slice, block: int, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries [B, Hq, rows, D] (turned as the layout wants, the first one starting a group) to their
-    groups' far blocks: (out [B, Hq, rows, D], lse [B, Hq, rows])."""
+    groups' retrieved blocks: (out [B, Hq, rows, D], lse [B, Hq, rows])."""
     batch, q_heads, rows, dim = q_far.shape
-    units, count, slots = chosen.shape[1], chosen.shape[2], chosen.shape[3]
-    per_unit, window = q_heads // units, far.window
-    k_far, v_far = far.gather(groups, q_far.device)  # [B * U * G * S, w * D] each
+    units, slots, window = retrieved.units, retrieved.slots, retrieved.window
+    count = groups.stop - groups.start
+    per_unit = q_heads // units
+    k_far, v_far = retrieved.gather(groups, q_far.device)  # [B * U * G * S, w * D] each
     q = F.pad(q_far, (0, 0, 0, count * block - rows))  # the last group of a run may be partial
     if per_unit > 1:  # a unit's heads stacked along the query axis
         q = q.view(batch, units, per_unit, count, block, dim).transpose(2, 3)
@@ -252,84 +273,84 @@ def _far_attention(
     return out.reshape(batch, q_heads, -1, dim)[:, :, :rows], lse.reshape(batch, q_heads, -1)[:, :, :rows]
 
 
-class FarBlocks:
-    """The far blocks of one call, gathered already turned to where the layout puts them: consecutive slots (block c
-    in slot i rotated by (i - c) * w, the query turned once per group) or no RoPE (one distance).
+class RetrievedBlocks:
+    """The retrieved blocks of one call (`chosen` [B, U, G, k], without the sink), gathered already turned to where the
+    layout puts them: block c in slot i rotated by (i - c) * w (consecutive; the query then turned once per group), or
+    to no RoPE (one distance).
 
     How they are turned is chosen here, once: when a call gathers more keys than the layer's cache holds (a prefill),
-    each retrieved slot gets a rotated copy of the cache's blocks and the picks are read from those copies (top_k
-    rotations of the cache instead of one per pick); a decoding step rotates the few blocks it gathers. Both apply the
-    same rotation to the same keys, so prefill and decoding agree to the last bit. Gathers go into buffers allocated
-    once per call.
+    each slot gets a rotated copy of the cache's blocks and the picks are read from those copies (top_k rotations of
+    the cache instead of one per pick); a decoding step rotates the few blocks it gathers. Both apply the same
+    rotation to the same keys, so prefill and decoding agree to the last bit. The copies and the buffers the picks are
+    gathered into live in `workspace` from one layer to the next: allocated once, not paid in page faults per layer.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor, geometry: Geometry, inv_freq: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor, geometry: Geometry, inv_freq: torch.Tensor,
+        workspace: dict[str, torch.Tensor] | None,
+    ) -> None:
         batch, kv_heads, length, dim = keys.shape
-        units = chosen.shape[1]
-        self.geometry, self.inv_freq, self.kv_heads, self.window, self.chosen = geometry, inv_freq, kv_heads, geometry.window, chosen
+        self.geometry, self.inv_freq, self.window, self.chosen = geometry, inv_freq, geometry.window, chosen
+        self.units, self.slots = chosen.shape[1], chosen.shape[-1]
+        self.workspace = {} if workspace is None else workspace
         self.key_rows, per_head = _block_rows(keys, self.window)
         self.value_rows, _ = _block_rows(values, self.window)
         head = (torch.arange(batch, device=chosen.device)[:, None] * kv_heads
-                + torch.arange(units, device=chosen.device) // (units // kv_heads))  # [B, U]: batch x kv head
-        self.value_index = (head * per_head)[:, :, None, None] + chosen  # [B, U, G, S] rows of the cache
-        self.key_index, self.copies = self.value_index, None
+                + torch.arange(self.units, device=chosen.device) // (self.units // kv_heads))  # [B, U]: batch x kv head
+        self.rows = (head * per_head)[:, :, None, None] + chosen  # [B, U, G, k]: blocks of the cache
+        self.copies = None
         if geometry.one_distance is None and chosen.numel() * self.window > geometry.top_k * kv_heads * length * batch:
             self.copies = self._slot_copies(keys, per_head)
-            slot = torch.arange(chosen.shape[-1], device=chosen.device)
-            per_slot = batch * kv_heads * per_head
-            in_copy = (slot - geometry.sink) * per_slot + self.value_index  # a retrieved slot reads its rotated copy,
-            in_sink = geometry.top_k * per_slot + (head * geometry.sink)[:, :, None, None] + chosen  # a sink slot the sink rows
-            self.key_index = torch.where(slot >= geometry.sink, in_copy, in_sink)
-        self.buffers: list[torch.Tensor | None] = [None, None]
+            copy = torch.arange(self.slots, device=chosen.device) * (batch * kv_heads * per_head)
+            self.copy_rows = self.rows + copy  # slot i reads copy i
 
     def _slot_copies(self, keys: torch.Tensor, per_head: int) -> torch.Tensor:
-        """Rows [top_k * B * Hkv * per_head + B * Hkv * sink, w * D]: every complete block rotated into each retrieved
-        slot, then the sink blocks as cached (sink slot i always holds block i, at its own position)."""
+        """Rows [top_k * B * Hkv * per_head, w * D]: every complete block rotated into each retrieved slot."""
         geometry, window = self.geometry, self.window
         batch, kv_heads, length, dim = keys.shape
         complete, heads = length // window, batch * kv_heads
-        per_slot = heads * per_head
-        copies = torch.empty(geometry.top_k * per_slot + heads * geometry.sink, window * dim, dtype=keys.dtype, device=keys.device)
-        retrieved = copies[: geometry.top_k * per_slot].view(geometry.top_k, heads, per_head, window * dim)
+        copies = self._buffer("slot_copies", self.slots * heads * per_head, window * dim, keys)
+        slots = copies.view(self.slots, heads, per_head, window * dim)
         blocks = keys[:, :, : complete * window].reshape(heads, complete, window, dim)
         step = max(1, SLOT_COPY_BLOCKS // heads)  # blocks rotated at once: bounded temporaries
         for first in range(0, complete, step):
             last = min(complete, first + step)
             start = torch.arange(first, last, device=keys.device)[:, None] * window
-            for index, slot in enumerate(range(geometry.sink, geometry.slots)):
-                rotated = rotate(blocks[:, first:last], slot * window - start, self.inv_freq)
-                retrieved[index, :, first:last] = rotated.view(heads, last - first, window * dim)
-        copies[geometry.top_k * per_slot :].view(heads, geometry.sink, window * dim).copy_(
-            blocks[:, : geometry.sink].reshape(heads, geometry.sink, window * dim)
-        )
+            for index in range(self.slots):
+                rotated = rotate(blocks[:, first:last], (geometry.sink + index) * window - start, self.inv_freq)
+                slots[index, :, first:last] = rotated.view(heads, last - first, window * dim)
         return copies
 
     def gather(self, groups: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the far blocks of `groups`, turned for the layout: [B * U * G * S, w * D] each."""
-        keys = self._select(0, self.key_rows if self.copies is None else self.copies, self.key_index[:, :, groups])
-        values = self._select(1, self.value_rows, self.value_index[:, :, groups]).to(device)
+        """Keys and values of the retrieved blocks of `groups`, turned for the layout: [B * U * G * k, w * D] each."""
         if self.copies is not None:
-            return keys.to(device), values
-        chosen = self.chosen[:, :, groups].to(device)
-        dim = keys.shape[1] // self.window
-        turned = self.turn(keys.to(device).view(*chosen.shape, self.window, dim), chosen)
-        return turned.view(-1, self.window * dim), values
+            keys = self._select("keys", self.copies, self.copy_rows[:, :, groups]).to(device)
+        else:
+            keys = self._select("keys", self.key_rows, self.rows[:, :, groups]).to(device)
+            chosen = self.chosen[:, :, groups].to(device)
+            keys = self.turn(keys.view(*chosen.shape, self.window, -1), chosen).view(-1, keys.shape[1])
+        return keys, self._select("values", self.value_rows, self.rows[:, :, groups]).to(device)
 
     def turn(self, keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Gathered blocks [B, U, G, S, w, D] as cached -> where the layout puts them."""
+        """Gathered blocks [B, U, G, k, w, D] as cached -> where the layout puts them."""
         window = self.window
         if self.geometry.one_distance is not None:  # no RoPE: each key turned back by its position
             return rotate(keys, -(chosen[..., None] * window + torch.arange(window, device=keys.device)), self.inv_freq)
-        slot = torch.arange(chosen.shape[-1], device=keys.device)
+        slot = self.geometry.sink + torch.arange(self.slots, device=keys.device)
         return rotate(keys, ((slot - chosen) * window)[..., None], self.inv_freq)
 
-    def _select(self, buffer: int, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """index_select of rows into a buffer kept for the whole call."""
+    def _buffer(self, name: str, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """A buffer of at least `rows` rows from the workspace, grown (never shrunk) as the sequence grows."""
+        buffer = self.workspace.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != width or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.workspace[name] = torch.empty(max(rows, 5 * (0 if buffer is None else buffer.shape[0]) // 4),
+                                                        width, dtype=like.dtype, device=like.device)
+        return buffer[:rows]
+
+    def _select(self, name: str, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """index_select of rows into a workspace buffer."""
         index = index.reshape(-1).to(source.device)
-        out = self.buffers[buffer]
-        if out is None or out.shape[0] < index.numel():
-            out = self.buffers[buffer] = torch.empty(index.numel(), source.shape[1], dtype=source.dtype, device=source.device)
-        return torch.index_select(source, 0, index, out=out[: index.numel()])
+        return torch.index_select(source, 0, index, out=self._buffer(name, index.numel(), source.shape[1], source))
 
 
 def _block_rows(cache: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
