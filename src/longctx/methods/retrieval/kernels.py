@@ -128,8 +128,8 @@ def attend_torch(
 
     Queries come in spans: aligned runs of max(block, w) that share one recent span (from block m to the span's
     end). Whole spans are batched (their masks are the same); a partial span at either end of the run goes alone.
-    The softmax comes in parts merged by log-sum-exp: the recent span (and, at one distance, its tokens beyond the
-    local window), the sink blocks (the same for every query: read in place) and the retrieved blocks (gathered).
+    The softmax comes in parts merged by log-sum-exp: the recent span, read in place (and, at one distance, its
+    tokens beyond the local window), and the far blocks, gathered.
     Everything that does not depend on the batch (the turned queries, the retrieved blocks' rows, the masks) is
     computed once per call: on a busy 2-core CPU each operation costs milliseconds whatever its size. `workspace`
     (the sequence's cache keeps one) holds the large buffers from one layer to the next.
@@ -141,19 +141,14 @@ def attend_torch(
         chosen = chosen.expand(batch, keys.shape[1], *chosen.shape[2:])  # one selection per layer: every kv head reads it
     positions = q_start + torch.arange(q_len, device=query.device)
     group_start = q_start + torch.arange(q_len, device=query.device) // block * block
-    q_far = sink = retrieved = None
+    q_far = far = None
     if geometry.one_distance is not None:
         q_far = _at_one_distance(query, positions, geometry, inv_freq)
     elif slots:  # the query ends the recent span, after the far slots: moved (slots - m) blocks on
         first = torch.clamp((group_start - local) // window, min=0)
-        q_far = rotate(query, (slots - first) * window, inv_freq)
-    if slots and geometry.sink:  # sink slot i always holds block i; at one distance, without RoPE
-        sink_keys, sink_values = keys[:, :, : geometry.sink * window], values[:, :, : geometry.sink * window]
-        if geometry.one_distance is not None:
-            sink_keys = rotate(sink_keys, -torch.arange(geometry.sink * window, device=keys.device), inv_freq)
-        sink = (sink_keys.to(query.device), sink_values.to(query.device))
-    if slots > geometry.sink:
-        retrieved = RetrievedBlocks(keys, values, chosen[..., geometry.sink :], geometry, inv_freq, workspace)
+        q_far = turn(query, (slots - first) * window, inv_freq)
+    if slots:
+        far = FarBlocks(keys, values, chosen, geometry, inv_freq, workspace)
     per_span_keys = batch * chosen.shape[1] * (span // block) * max(1, slots) * window * dim
     per_batch = 1 if slots == 0 else max(1, TORCH_WORKING_SET // per_span_keys)
     masks: dict[tuple, tuple] = {}
@@ -168,11 +163,9 @@ def attend_torch(
         rows = slice(position - q_start, stop - q_start)
         parts = _recent_attention(query[:, :, rows], None if q_far is None else q_far[:, :, rows], keys, values,
                                   span_start, position, spans, span, slots == 0, geometry, inv_freq, scaling, masks)
-        if sink is not None:
-            parts.append(_sink_attention(q_far[:, :, rows], *sink, scaling))
-        if retrieved is not None:
+        if far is not None:
             groups = slice((position - q_start) // block, -(-(stop - q_start) // block))
-            parts.append(_retrieved_attention(q_far[:, :, rows], retrieved, groups, block, scaling))
+            parts.append(_far_attention(q_far[:, :, rows], far, groups, block, scaling))
         out[:, :, rows], lse[:, :, rows] = merge_attention(parts)
         position = stop
     return out, lse
@@ -243,24 +236,16 @@ def _shared_attention(
     return out, lse.view(batch, kv_heads, spans, group, rows).transpose(2, 3).reshape(batch, q_heads, spans, rows)
 
 
-def _sink_attention(q_far: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries [B, Hq, rows, D] (turned as the layout wants) over the sink blocks [B, Hkv, sink * w, D]: every query's
-    first slots, so one call over all rows, the cache read in place."""
-    batch, q_heads, rows, dim = q_far.shape
-    out, lse = _shared_attention(q_far.view(batch, q_heads, 1, rows, dim), keys[:, :, None], values[:, :, None], None, scaling)
-    return out.view(batch, q_heads, rows, dim), lse.view(batch, q_heads, rows)
-
-
-def _retrieved_attention(
-    q_far: torch.Tensor, retrieved: "RetrievedBlocks", groups: slice, block: int, scaling: float
+def _far_attention(
+    q_far: torch.Tensor, far: "FarBlocks", groups: slice, block: int, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries [B, Hq, rows, D] (turned as the layout wants, the first one starting a group) to their
-    groups' retrieved blocks: (out [B, Hq, rows, D], lse [B, Hq, rows])."""
+    groups' far blocks: (out [B, Hq, rows, D], lse [B, Hq, rows])."""
     batch, q_heads, rows, dim = q_far.shape
-    units, slots, window = retrieved.units, retrieved.slots, retrieved.window
+    units, slots, window = far.units, far.slots, far.window
     count = groups.stop - groups.start
     per_unit = q_heads // units
-    k_far, v_far = retrieved.gather(groups, q_far.device)  # [B * U * G * S, w * D] each
+    k_far, v_far = far.gather(groups, q_far.device)  # [B * U * G * S, w * D] each
     q = F.pad(q_far, (0, 0, 0, count * block - rows))  # the last group of a run may be partial
     if per_unit > 1:  # a unit's heads stacked along the query axis
         q = q.view(batch, units, per_unit, count, block, dim).transpose(2, 3)
@@ -273,16 +258,17 @@ def _retrieved_attention(
     return out.reshape(batch, q_heads, -1, dim)[:, :, :rows], lse.reshape(batch, q_heads, -1)[:, :, :rows]
 
 
-class RetrievedBlocks:
-    """The retrieved blocks of one call (`chosen` [B, U, G, k], without the sink), gathered already turned to where the
+class FarBlocks:
+    """The far blocks of one call (`chosen` [B, U, G, S]: sink, then retrieved), gathered already turned to where the
     layout puts them: block c in slot i rotated by (i - c) * w (consecutive; the query then turned once per group), or
     to no RoPE (one distance).
 
     How they are turned is chosen here, once: when a call gathers more keys than the layer's cache holds (a prefill),
-    each slot gets a rotated copy of the cache's blocks and the picks are read from those copies (top_k rotations of
-    the cache instead of one per pick); a decoding step rotates the few blocks it gathers. Both apply the same
-    rotation to the same keys, so prefill and decoding agree to the last bit. The copies and the buffers the picks are
-    gathered into live in `workspace` from one layer to the next: allocated once, not paid in page faults per layer.
+    each retrieved slot gets a rotated copy of the cache's blocks and the picks are read from those copies (top_k
+    rotations of the cache instead of one per pick; sink slot i always holds block i, unmoved); a decoding step
+    rotates the few blocks it gathers. Both apply the same rotation to the same keys, so prefill and decoding agree to
+    the last bit. The copies and the buffers the picks are gathered into live in `workspace` from one layer to the
+    next: allocated once, not paid in page faults per layer.
     """
 
     def __init__(
@@ -297,32 +283,41 @@ class RetrievedBlocks:
         self.value_rows, _ = _block_rows(values, self.window)
         head = (torch.arange(batch, device=chosen.device)[:, None] * kv_heads
                 + torch.arange(self.units, device=chosen.device) // (self.units // kv_heads))  # [B, U]: batch x kv head
-        self.rows = (head * per_head)[:, :, None, None] + chosen  # [B, U, G, k]: blocks of the cache
+        self.rows = (head * per_head)[:, :, None, None] + chosen  # [B, U, G, S]: blocks of the cache
         self.copies = None
-        if geometry.one_distance is None and chosen.numel() * self.window > geometry.top_k * kv_heads * length * batch:
+        retrieved = chosen.numel() * geometry.top_k // max(1, self.slots)
+        if geometry.one_distance is None and retrieved * self.window > geometry.top_k * kv_heads * length * batch:
+            heads = batch * kv_heads
             self.copies = self._slot_copies(keys, per_head)
-            copy = torch.arange(self.slots, device=chosen.device) * (batch * kv_heads * per_head)
-            self.copy_rows = self.rows + copy  # slot i reads copy i
+            slot = torch.arange(self.slots, device=chosen.device)
+            in_copy = (slot - geometry.sink) * (heads * per_head) + self.rows  # a retrieved slot reads its copy,
+            in_sink = geometry.top_k * heads * per_head + (head * geometry.sink)[:, :, None, None] + chosen  # a sink slot its block
+            self.copy_rows = torch.where(slot >= geometry.sink, in_copy, in_sink)
 
     def _slot_copies(self, keys: torch.Tensor, per_head: int) -> torch.Tensor:
-        """Rows [top_k * B * Hkv * per_head, w * D]: every complete block rotated into each retrieved slot."""
+        """Rows [top_k * B * Hkv * per_head + B * Hkv * sink, w * D]: every complete block turned into each retrieved
+        slot, then the sink blocks as cached."""
         geometry, window = self.geometry, self.window
         batch, kv_heads, length, dim = keys.shape
         complete, heads = length // window, batch * kv_heads
-        copies = self._buffer("slot_copies", self.slots * heads * per_head, window * dim, keys)
-        slots = copies.view(self.slots, heads, per_head, window * dim)
+        per_slot = heads * per_head
+        copies = self._buffer("slot_copies", geometry.top_k * per_slot + heads * geometry.sink, window * dim, keys)
+        retrieved = copies[: geometry.top_k * per_slot].view(geometry.top_k, heads, per_head, window, dim)
         blocks = keys[:, :, : complete * window].reshape(heads, complete, window, dim)
-        step = max(1, SLOT_COPY_BLOCKS // heads)  # blocks rotated at once: bounded temporaries
+        step = max(1, SLOT_COPY_BLOCKS // heads)  # blocks turned at once: bounded temporaries
         for first in range(0, complete, step):
             last = min(complete, first + step)
             start = torch.arange(first, last, device=keys.device)[:, None] * window
-            for index in range(self.slots):
-                rotated = rotate(blocks[:, first:last], (geometry.sink + index) * window - start, self.inv_freq)
-                slots[index, :, first:last] = rotated.view(heads, last - first, window * dim)
+            for index in range(geometry.top_k):
+                turn(blocks[:, first:last], (geometry.sink + index) * window - start, self.inv_freq,
+                     out=retrieved[index, :, first:last])
+        copies[geometry.top_k * per_slot :].view(heads, geometry.sink, window * dim).copy_(
+            blocks[:, : geometry.sink].reshape(heads, geometry.sink, window * dim)
+        )
         return copies
 
     def gather(self, groups: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the retrieved blocks of `groups`, turned for the layout: [B * U * G * k, w * D] each."""
+        """Keys and values of the far blocks of `groups`, turned for the layout: [B * U * G * S, w * D] each."""
         if self.copies is not None:
             keys = self._select("keys", self.copies, self.copy_rows[:, :, groups]).to(device)
         else:
@@ -332,12 +327,12 @@ class RetrievedBlocks:
         return keys, self._select("values", self.value_rows, self.rows[:, :, groups]).to(device)
 
     def turn(self, keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Gathered blocks [B, U, G, k, w, D] as cached -> where the layout puts them."""
+        """Gathered blocks [B, U, G, S, w, D] as cached -> where the layout puts them."""
         window = self.window
         if self.geometry.one_distance is not None:  # no RoPE: each key turned back by its position
-            return rotate(keys, -(chosen[..., None] * window + torch.arange(window, device=keys.device)), self.inv_freq)
-        slot = self.geometry.sink + torch.arange(self.slots, device=keys.device)
-        return rotate(keys, ((slot - chosen) * window)[..., None], self.inv_freq)
+            return turn(keys, -(chosen[..., None] * window + torch.arange(window, device=keys.device)), self.inv_freq)
+        slot = torch.arange(self.slots, device=keys.device)
+        return turn(keys, ((slot - chosen) * window)[..., None], self.inv_freq)
 
     def _buffer(self, name: str, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
         """A buffer of at least `rows` rows from the workspace, grown (never shrunk) as the sequence grows."""
@@ -351,6 +346,22 @@ class RetrievedBlocks:
         """index_select of rows into a workspace buffer."""
         index = index.reshape(-1).to(source.device)
         return torch.index_select(source, 0, index, out=self._buffer(name, index.numel(), source.shape[1], source))
+
+
+def turn(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`rope.rotate` (the same products and sums, so the same bits) with half the temporaries, optionally into `out`:
+    the torch kernel's slot copies are a third of a prefill's elementwise work."""
+    half = inv_freq.numel()
+    angles = delta.to(torch.float32).unsqueeze(-1) * inv_freq.to(device=x.device, dtype=torch.float32)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+    first, second = x[..., :half], x[..., half : 2 * half]
+    torch.mul(first, cos, out=out[..., :half]).sub_(second * sin)
+    torch.mul(second, cos, out=out[..., half : 2 * half]).add_(first * sin)
+    if x.shape[-1] > 2 * half:
+        out[..., 2 * half :] = x[..., 2 * half :]
+    return out
 
 
 def _block_rows(cache: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
