@@ -19,9 +19,8 @@ Where we differ from the release, and why:
   #61, open). We follow the method as written: a key inside the query's local window is seen once, at its true
   distance; in decoding the release and we agree.
 * Chunks are aligned to absolute positions (the release aligns them to the start of each forward call; its
-  generation loop feeds multiples of 512). The last `exact_tail` prompt tokens (rounded down to a whole chunk, as for
-  LongHeads) look up per token: the release feeds the last prompt token alone and shares one lookup over the partial
-  chunk before it; we look up per token there too, as decoding does.
+  generation loop feeds multiples of 512). As its generation loop feeds the last prompt token alone, the last
+  `exact_tail` (1) prompt tokens look up per token and the chunk before them may be partial.
 * Memory blocks stay in the method's cache (on the accelerator, or all in host memory with cpu_offload); the
   release's GPU LRU of `max_cached_block` blocks is a memory-management detail with no effect on the output.
 * Scores accumulate in float32 (the release: the model's dtype).
@@ -89,6 +88,7 @@ class InfLLM(Retrieval):
             window=w, sink=self.n_init // w, top_k=self.topk, local=self.n_local,
             begin=self.n_init + self.topk * w + self.n_local, block=chunk, exact_tail=max(0, self.exact_tail),
             gather_budget=self.gather_budget, one_distance=self.n_local - 1 if self.positions == "one_distance" else None,
+            whole_groups=False,
         )
 
     @property

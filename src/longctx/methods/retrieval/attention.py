@@ -18,6 +18,8 @@ attention is credited to its local window after it (the release does the same, o
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from longctx.methods.base import causal_attention
@@ -35,6 +37,12 @@ QUERY_PIECE = 32768
 def retrieval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' `AttentionInterface` for every retrieval method."""
     method = module.longctx_method
+    with cpu_threads(method.cpu_threads, query.device):
+        return attend_layer(method, module, query, key, value, scaling), None
+
+
+def attend_layer(method, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Steps 1-4 of the module docstring for one layer: the output [B, L, Hq, D]."""
     cache: RetrievalCache = method.active_cache
     geometry: Geometry = method.geometry
     summary = method.summary_kind
@@ -91,7 +99,27 @@ def retrieval_attention(module, query, key, value, attention_mask, scaling=None,
             piece = stop
     if cache.trace is not None:
         record_selection(cache, module.layer_idx, last, kv_len, geometry)
-    return out, None
+    return out
+
+
+@contextmanager
+def cpu_threads(threads: int, device: torch.device):
+    """Run the retrieval attention on `threads` of torch's intra-op threads on a CPU (0: leave torch's setting).
+
+    Its operations are many and mid-sized (per batch of query groups), and every parallel one hands work to the other
+    threads: on a 2-core machine that other jobs share, that hand-off takes milliseconds (measured there: a
+    200k-element multiply, 8 ms on 2 threads, 0.09 ms on 1; the SmolLM2-shaped 2-layer model's 32k prefill with
+    LongHeads, 24.0 s with the attention on 2 threads, 16.5 s on 1, its other layers on 2 in both).
+    """
+    if device.type != "cpu" or not threads:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def choose_kernel(requested: str, query: torch.Tensor, key: torch.Tensor) -> str:
@@ -112,13 +140,16 @@ def query_runs(start: int, kv_len: int, geometry: Geometry, q_len: int) -> list[
     """Split query positions [start, kv_len) into (start, end, block) runs of one group size.
 
     Groups of `block` queries (aligned to absolute positions) cover the bulk of a prefill; decoding steps, an unaligned
-    head and the last `exact_tail` prefill queries (the ones whose output becomes the answer) select per token.
+    head and the last `exact_tail` prefill queries (the ones whose output becomes the answer) select per token. With
+    `whole_groups` (LongHeads) the tail starts at a group boundary, so it may hold up to block - 1 queries more;
+    otherwise (InfLLM, whose release feeds the last prompt token alone) the group before it may be partial.
     """
     block = geometry.block if q_len > 1 else 1
     if block == 1:
         return [(start, kv_len, 1)] if kv_len > start else []
     aligned = min(kv_len, -(-start // block) * block)
-    tail = min(kv_len, max(aligned, (kv_len - geometry.exact_tail) // block * block))
+    tail = kv_len - geometry.exact_tail
+    tail = min(kv_len, max(aligned, tail // block * block if geometry.whole_groups else tail))
     runs = [(start, aligned, 1), (aligned, tail, block), (tail, kv_len, 1)]
     return [run for run in runs if run[1] > run[0]]
 

@@ -35,6 +35,7 @@ class Geometry:
     exact_tail: int  # last prefill queries that always select per token
     gather_budget: int  # key vectors gathered at once by the reference kernel; bounds its working memory
     one_distance: int | None = None  # None: consecutive slots; D: every key beyond `local` at distance D
+    whole_groups: bool = True  # the per-token tail starts at a group boundary (False: exactly the last exact_tail)
 
     @property
     def slots(self) -> int:

@@ -32,6 +32,8 @@ class Retrieval(AttentionMethod):
             "representative_tokens" (InfLLM; `repr_topk` tokens per block).
         sharing: who shares one selection: "head" (LongHeads), "kv_group" or "layer" (InfLLM).
         positions: where the attended blocks sit: "consecutive" slots (LongHeads) or "one_distance" (InfLLM).
+    cpu_threads: torch threads the retrieval attention runs on when the model is on a CPU (0: torch's setting; see
+        attention.cpu_threads for why one).
     """
 
     attention_function = staticmethod(retrieval_attention)
@@ -43,6 +45,7 @@ class Retrieval(AttentionMethod):
     record_selection: bool = True
     gather_budget: int = 2**21
     kernel: str = "auto"
+    cpu_threads: int = 1
 
     def check_seams(self) -> None:
         """One-line errors for the shared options; sets `summary_kind`."""
@@ -52,6 +55,8 @@ class Retrieval(AttentionMethod):
         if self.summary == "representative_tokens" and self.repr_topk < 1:
             raise MethodError(f"{self.name} repr_topk must be at least 1; got {self.repr_topk}")
         self.summary_kind = InChunkAttention() if self.summary == "in_chunk_attention" else RepresentativeTokens(self.repr_topk)
+        if self.cpu_threads < 0:
+            raise MethodError(f"{self.name} cpu_threads must be 0 (torch's setting) or more; got {self.cpu_threads}")
         self.active_cache: RetrievalCache | None = None
         self._shift_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

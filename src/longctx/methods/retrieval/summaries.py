@@ -170,14 +170,17 @@ class RepresentativeTokens:
         local = geometry.local
         offset = state.done_chunks * geometry.window  # pending_scores[..., 0] is this position
         rows = max(1, SCORE_WORKING_SET // (batch * q_heads * (local + q_len)))
+        precision = torch.promote_types(query.dtype, torch.float32)
         for first in range(0, q_len, rows):
             last = min(q_len, first + rows)
             lo, hi = max(offset, q_start + first - local + 1), q_start + last
-            precision = torch.promote_types(query.dtype, torch.float32)
-            k = key[:, :, lo:hi].to(query.device, precision)
-            q = query[:, :, first:last].to(precision).reshape(batch, kv_heads, group * (last - first), dim)
-            scores = (q @ k.transpose(-1, -2)).view(batch, kv_heads, group, last - first, hi - lo) * scaling
+            k = key[:, :, lo:hi].to(query.device, precision).reshape(batch * kv_heads, hi - lo, dim)
+            q = (query[:, :, first:last].to(precision) * scaling).reshape(batch * kv_heads, group * (last - first), dim)
             distance = (q_start + torch.arange(first, last, device=q.device))[:, None] - torch.arange(lo, hi, device=q.device)
-            seen = (distance >= 0) & (distance < local)
-            probs = torch.exp(scores - lse[:, :, first:last].view(batch, kv_heads, group, -1, 1)).masked_fill(~seen, 0.0)
-            state.pending_scores[:, :, lo - offset : hi - offset] += probs.sum(dim=-2).view(batch, q_heads, hi - lo).to(state.pending_scores.dtype)
+            window = torch.zeros(distance.shape, dtype=precision, device=q.device)
+            window.masked_fill_((distance < 0) | (distance >= local), float("-inf"))
+            # exp(q . k * scale - lse) in one matrix product with the bias added, then in place
+            bias = window - lse[:, :, first:last].to(precision).reshape(batch * kv_heads, group, last - first, 1)
+            probs = torch.baddbmm(bias.view(batch * kv_heads, group * (last - first), hi - lo), q, k.transpose(1, 2)).exp_()
+            credit = probs.view(batch, q_heads, last - first, hi - lo).sum(dim=2)
+            state.pending_scores[:, :, lo - offset : hi - offset] += credit.to(state.pending_scores.dtype)
