@@ -45,8 +45,3 @@ class Geometry:
     def first_recent(self, group_start: int) -> int:
         """m: the first block of the recent span of a query group starting at `group_start`."""
         return max(0, (group_start - self.local) // self.window)
-
-    @property
-    def span(self) -> int:
-        """Queries sharing one recent span: aligned runs of max(block, w) (a block never straddles one)."""
-        return max(self.block, self.window)
