@@ -4,14 +4,13 @@ three interchangeable kernels (the third, "triton", is triton_kernel.py). Each t
 transformers hands it over; possibly in host memory), and `chosen` [B, units, groups, slots]: the far blocks (sink,
 then retrieved) of every group of `block` queries, for each selection unit (query head, key/value head or layer;
 see selection.py). No slots means a dense group: every earlier token is in its recent span. Both return the output
-[B, Hq, L, D] and its log-sum-exp [B, Hq, L] (float32), which InfLLM's summaries need.
+[B, Hq, L, D] and its log-sum-exp [B, Hq, L] (float32, or float64 for a float64 model), which InfLLM's summaries need.
 
 * `attend_reference`: the plain formulation, the tests' yardstick: gather every attended key, turn the query (and for
   the one-distance layout the keys) so that each score sees the key at its assigned distance, einsum, softmax.
 * `attend_torch` (the CPU fast path, stock torch): the same softmax in parts merged by log-sum-exp (merge.py), each a
   fused attention call: the recent span read in place from the cache (overlapping windows, one per run of queries
-  sharing it), the far blocks gathered into a small buffer, a few MB per batch of query groups so that nothing grows
-  with the context but the cache itself.
+  sharing it), the far blocks gathered already turned (see `FarBlocks`) into buffers the sequence keeps.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from longctx.methods.merge import attention_with_lse, merge_attention
 from longctx.methods.retrieval.geometry import Geometry
 from longctx.methods.rope import rotate
 
-# elements of far keys (and as many values) the torch kernel gathers at once: a few MB that stay in the CPU's
-# caches and in the allocator's free lists (a fresh allocation above 32 MB costs its page faults every time)
+# elements of far keys (and as many values) the torch kernel gathers per batch of query groups (64 MB in float32, in
+# buffers allocated once per sequence): large batches mean few operations, and on a busy CPU each costs milliseconds
 TORCH_WORKING_SET = 2**24
 # blocks (x batch x kv heads) rotated at once into the torch kernel's slot copies: bounds their temporaries
 SLOT_COPY_BLOCKS = 256
