@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from longctx.tracking import PROVENANCE_FILE, read_provenance
 
 # Method parameters that tell two runs of one method apart in a table label, when they differ across runs.
-LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload")
+LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload",
+                "n_local", "topk", "summary", "sharing", "positions")
 # What a run measured on. Tables keep runs on different machines apart; numbers from a bfloat16 GPU run and a float32
 # CPU run of the same configuration are not the same measurement.
 MACHINE = ["model", "device", "dtype"]
