@@ -45,6 +45,7 @@ class LongHeads(Retrieval):
 
     name = "longheads"
     attention_name = ATTENTION_NAME
+    block_word = "chunk"
     window_size: int = 256
     # 2048, not the paper's 4096: on the embedded 8k model A=4096 found the passkey 15/20 at 16k, A=2048 20/20 (README)
     atten_length: int = 2048

@@ -4,7 +4,7 @@ seams a researcher can set on either (`summary`, `sharing`, `positions`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class Retrieval(AttentionMethod):
     """
 
     attention_function = staticmethod(retrieval_attention)
+    block_word: ClassVar[str] = "block"  # what the paper calls its blocks, for figures
     summary: str = "in_chunk_attention"
     sharing: str = "head"
     positions: str = "consecutive"
@@ -127,7 +128,7 @@ class Retrieval(AttentionMethod):
         needle = list(range(start // window, (end - 1) // window + 1)) if None not in (start, end) else []
         details = ", ".join(f"{key} {record[key]:.2f}" if isinstance(record[key], float) else f"{key} {record[key]}"
                             for key in ("length", "depth", "correct", "book", "segment") if key in record)
-        title = f"{self.name} chunk selection, sample {record['sample']} ({details})"
+        title = f"{self.name}: {self.block_word}s attended, sample {record['sample']} ({details})"
         return {f"chunk_selection_{record['sample']}": chunk_selection_heatmap(trace["chosen"], trace["num_chunks"], needle, title)}
 
     def trace(self) -> dict[str, Any] | None:
