@@ -247,3 +247,23 @@ def test_triton_kernel_equals_reference_on_the_model(monkeypatch):
     assert (triton_chosen == reference_chosen).all()
     tolerance = rounding_tolerance(reference_logits, model_chain(tiny_llama().model.config, 230))
     torch.testing.assert_close(triton_logits, reference_logits, atol=tolerance, rtol=0)
+
+
+def test_torch_kernel_serves_every_query_count_itself(monkeypatch):
+    """kernel=torch runs the torch kernel for a decoding step too (it used to fall back to the reference kernel below
+    16 queries without saying so), and leaves torch's thread count as it found it."""
+    import longctx.methods.retrieval.attention as attention
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference kernel ran")
+
+    monkeypatch.setattr(attention, "attend_reference", no_reference)
+    lm = tiny_llama()
+    method = LongHeads(window_size=W, atten_length=A, block_size=4, exact_tail=8, kernel="torch")
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    with method(lm), torch.no_grad():
+        cache = method.new_cache(lm)
+        lm.model(ids, **with_cache(lm.model, cache))
+        lm.model(ids[:, :1], **with_cache(lm.model, cache))  # one decoding step
+    assert torch.get_num_threads() == threads
