@@ -84,6 +84,12 @@ def sweep_cells(experiment: str) -> tuple[str, list[dict[str, str]]]:
     return cfg.task.name, [dict(cell) for cell in cover]
 
 
+def method_name(option: str) -> str:
+    """The registered method a `method=` option builds: itself, or the one a preset in conf/method/ extends."""
+    preset = CONF / "method" / f"{option}.yaml"
+    return OmegaConf.load(preset).defaults[0] if preset.exists() else option
+
+
 def tiny_overrides(cell: dict[str, str], tiny_dir: Path, task: str = "passkey") -> list[str]:
     """A cell at tiny size: swept lengths and sample counts replaced, the tiny model on the CPU, no wandb."""
     cfg_keys = {**cell, **TINY[task], "model.path": str(tiny_dir), "model.device": "cpu", "logger": "none"}
@@ -103,8 +109,8 @@ def test_every_experiment_composes_and_runs_at_tiny_size(experiment, tiny_dir, t
     for cell in cells:
         cfg = compose_cell(["model=hf", f"+experiment={experiment}", *tiny_overrides(cell, tiny_dir, task)], tmp_path)
         for key, value in cell.items():  # the swept value reaches the job's config, at tiny size where it is a size
-            reached = cfg.method.name if key == "method" else OmegaConf.select(cfg, key)
-            assert key in TINY[task] or str(reached).replace(" ", "") == value.replace(" ", ""), (key, reached, value)
+            reached, expected = (cfg.method.name, method_name(value)) if key == "method" else (OmegaConf.select(cfg, key), value)
+            assert key in TINY[task] or str(reached).replace(" ", "") == expected.replace(" ", ""), (key, reached, value)
         if cfg.method.name in methods_run:
             continue  # every cell composes; one cell per method runs, to keep the test fast
         methods_run.add(cfg.method.name)

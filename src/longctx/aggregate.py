@@ -21,7 +21,8 @@ from longctx.tracking import PROVENANCE_FILE, read_provenance
 
 # Method parameters that tell two runs of one method apart in a table label, when they differ across runs.
 LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload",
-                "group_size", "neighbor_window", "chunk_size", "local_window", "n_global", "n_local", "d_max")
+                "group_size", "neighbor_window", "chunk_size", "local_window", "n_global", "n_local", "d_max",
+                "topk", "summary", "sharing", "positions")
 # What a run measured on. Tables keep runs on different machines apart; numbers from a bfloat16 GPU run and a float32
 # CPU run of the same configuration are not the same measurement.
 MACHINE = ["model", "device", "dtype"]

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from longctx.methods.base import Method
 from longctx.methods.dca import DualChunkAttention
 from longctx.methods.full import FullAttention
+from longctx.methods.infllm import InfLLM
 from longctx.methods.lm_infinite import LMInfinite
 from longctx.methods.longheads import LongHeads
 from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation, YaRN
@@ -30,6 +31,7 @@ from longctx.tasks.ruler import Ruler
 
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
+    "infllm": InfLLM,
     "longheads": LongHeads,
     "pi": PositionInterpolation,
     "ntk": NTKScaling,

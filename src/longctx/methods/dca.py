@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from longctx.methods.base import AttentionMethod, MethodError
-from longctx.methods.merge import attention_with_lse, merge
+from longctx.methods.merge import attention_part, merge
 from longctx.methods.rope import rotate
 from longctx.models import LoadedModel
 
@@ -82,25 +82,25 @@ def dca_attention(
         # intra-chunk: query at t mod s, keys at j mod s: the true distance, causal (keys before the block unmasked)
         high = q_start + stop
         parts = [] if first == chunk_start else [
-            attention_with_lse(q, key[:, :, chunk_start:first], value[:, :, chunk_start:first], None, scaling)
+            attention_part(q, key[:, :, chunk_start:first], value[:, :, chunk_start:first], None, scaling)
         ]
-        parts.append(attention_with_lse(q, key[:, :, first:high], value[:, :, first:high], t[None, :] <= t[:, None], scaling))
+        parts.append(attention_part(q, key[:, :, first:high], value[:, :, first:high], t[None, :] <= t[:, None], scaling))
         if chunk_start > 0:
             previous = chunk_start - size
             successive_query = rotate(q, torch.clamp(size + t % size, max=farthest) - t, inv_freq)
             if first % size >= chunks.local_window - 1:
                 # every query of the block sits at c_max for the previous chunk too: one call covers both parts
-                parts.append(attention_with_lse(successive_query, chunk_keys[:, :, :chunk_start], value[:, :, :chunk_start], None, scaling))
+                parts.append(attention_part(successive_query, chunk_keys[:, :, :chunk_start], value[:, :, :chunk_start], None, scaling))
             else:
                 parts.append(
-                    attention_with_lse(
+                    attention_part(
                         successive_query, chunk_keys[:, :, previous:chunk_start], value[:, :, previous:chunk_start], None, scaling
                     )
                 )
                 if previous > 0:
                     inter_query = rotate(q, farthest - t, inv_freq)
-                    parts.append(attention_with_lse(inter_query, chunk_keys[:, :, :previous], value[:, :, :previous], None, scaling))
-        out[:, :, start:stop] = merge(parts)
+                    parts.append(attention_part(inter_query, chunk_keys[:, :, :previous], value[:, :, :previous], None, scaling))
+        out[:, :, start:stop] = merge(parts)[0]
         start = stop
     return out.transpose(1, 2), None
 

@@ -23,7 +23,7 @@ import torch
 from transformers import Cache
 
 from longctx.methods.base import AttentionMethod, MethodError
-from longctx.methods.merge import attention_with_lse, merge, recent_parts
+from longctx.methods.merge import attention_part, merge, recent_parts
 from longctx.methods.rope import rotate
 from longctx.methods.window import sink_window_cache
 from longctx.models import LoadedModel
@@ -85,8 +85,8 @@ def lm_infinite_attention(
         if first + stop - 1 - shape.n_local >= 0 and n_global:
             far = torch.arange(n_global, device=device)[None, :] <= t - shape.n_local
             global_query = rotate(q, shape.d_max - t[:, 0], inv_freq)
-            parts.append(attention_with_lse(global_query, global_keys, global_values, far, scaling))
-        out[:, :, start:stop] = merge(parts)
+            parts.append(attention_part(global_query, global_keys, global_values, far, scaling))
+        out[:, :, start:stop] = merge(parts)[0]
     return out.transpose(1, 2), None
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from longctx.methods.base import AttentionMethod, MethodError
-from longctx.methods.merge import attention_with_lse, merge, recent_parts
+from longctx.methods.merge import attention_part, merge, recent_parts
 from longctx.methods.rope import rotate
 from longctx.models import LoadedModel
 
@@ -78,11 +78,11 @@ def self_extend_attention(
             grouped_query = rotate(q, t // size + window - window // size - t, inv_freq)
             shared = max(0, first - window)  # keys [0, shared) are far from every query of the block
             if shared:
-                parts.append(attention_with_lse(grouped_query, grouped_keys[:, :, :shared], value[:, :, :shared], None, scaling))
+                parts.append(attention_part(grouped_query, grouped_keys[:, :, :shared], value[:, :, :shared], None, scaling))
             j = torch.arange(shared, far_end, device=device)
-            parts.append(attention_with_lse(grouped_query, grouped_keys[:, :, shared:far_end], value[:, :, shared:far_end],
+            parts.append(attention_part(grouped_query, grouped_keys[:, :, shared:far_end], value[:, :, shared:far_end],
                                             j[None, :] <= t[:, None] - window, scaling))
-        out[:, :, start:stop] = merge(parts)
+        out[:, :, start:stop] = merge(parts)[0]
     return out.transpose(1, 2), None
 
 
