@@ -1,13 +1,14 @@
 """Prefill and decoding speed and peak memory of each method and length, with the ratios that matter, in one run.
 
     python experiments/bench_speed.py --model smollm2 --lengths 16384 32768 65536 131072 \
-        --methods full longheads:triton longheads:torch longheads:reference
+        --methods full longheads:triton longheads:torch longheads:reference infllm_2048:torch
     python experiments/bench_speed.py --model llama2-7b --lengths 32768 65536 --methods full longheads:triton
     python experiments/bench_speed.py --model llama2-7b --lengths 131072 --methods longheads:triton:offload --prefill-chunk 16384
 
 Models are built from their configuration with random weights: speed and memory do not depend on weight values, so
-the paper's setting (LLaMA-2-7B) is measured without downloading it. A method is `full`, `pi`, `ntk`, `window` or
-`longheads:KERNEL[:offload]` (KERNEL: triton, torch, reference; offload keeps the KV cache in host memory).
+the paper's setting (LLaMA-2-7B) is measured without downloading it. A method is `full`, `pi`, `ntk`, `window`, or a
+retrieval method `NAME:KERNEL[:offload]` (NAME: longheads, infllm or a preset in conf/method/ such as infllm_2048;
+KERNEL: triton, torch, reference; offload keeps the KV cache in host memory).
 Prefill is timed over the whole prompt (in pieces of --prefill-chunk tokens if given), decoding over --decode-tokens
 single-token steps after it; each figure is the median of --repeats runs after one warm-up. Peak device memory is
 torch's allocator peak; peak host memory is the process's resident set, sampled every 10 ms.
@@ -30,9 +31,14 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from omegaconf import OmegaConf
+
 from longctx.methods.base import with_cache
 from longctx.models import LoadedModel
 from longctx.registry import build_method
+
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "method"
+RETRIEVAL = ("longheads", "infllm")
 
 SHAPES = {
     # SmolLM2-135M, the embedded model (what `load_model()` reads from its GGUF)
@@ -83,14 +89,17 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedM
 
 def parse_method(spec: str, lm: LoadedModel, length: int):
     name, *options = spec.split(":")
-    if name != "longheads":
-        params = {"factor": length / lm.pretrained_length} if name in ("pi", "ntk") else {}
+    params = {}
+    if (PRESETS / f"{name}.yaml").exists():  # a preset: the method it extends, with its values
+        preset = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{name}.yaml"))
+        name, params = preset.pop("defaults")[0], preset
+    if name not in RETRIEVAL:
+        params = {"factor": length / lm.pretrained_length} if name in ("pi", "ntk") else params
         return build_method(name, **params)
+    if name == "longheads":  # the project's default (2048), or half the pretrained length
+        params.setdefault("atten_length", min(2048, lm.pretrained_length // 2))
     kernel = options[0] if options else "auto"
-    atten_length = min(2048, lm.pretrained_length // 2)  # the project's default (conf/method/longheads.yaml), or half
-    return build_method(
-        "longheads", atten_length=atten_length, kernel=kernel, cpu_offload="offload" in options, record_selection=False
-    )
+    return build_method(name, **params, kernel=kernel, cpu_offload="offload" in options, record_selection=False)
 
 
 def synchronize(device: torch.device) -> None:

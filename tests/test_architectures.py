@@ -1,8 +1,11 @@
-"""Every method on every RoPE family: tiny random models built in memory from each family's config.
+"""Every registered method on every RoPE family: tiny random models built in memory from each family's config.
 
 The families differ where methods used to break: biased q/k/v (Qwen2), q/k norms (Qwen3, Gemma 3), fused qkv (Phi-3,
 GPT-NeoX), RoPE on a quarter of the head dim (GPT-NeoX), interleaved local sliding-window and global layers with
 different RoPE bases (Gemma 3). GPT-2 (learned positions) must be refused by every RoPE method.
+
+The matrix iterates over the registry: a method registered later runs on every family here without touching this
+file (at its defaults unless `AT_TINY_SCALE` scales it down; `WITHIN_RANGE` adds its identity check).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import transformers
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from longctx.methods.base import MethodError, output_cache, with_cache
+from conftest import model_chain, rounding_tolerance
+from longctx.methods.base import AttentionMethod, MethodError, output_cache, with_cache
 from longctx.methods.longheads import LongHeads
 from longctx.methods.rope import attention_layers, rotate
-from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
+from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation, YaRN
 from longctx.methods.window import SlidingWindow
 from longctx.models import LoadedModel
+from longctx.registry import METHODS, build_method
 
 PRETRAINED = 64
 W, A = 8, 32  # LongHeads at this scale: K = 4 chunks of 8 tokens, selection from position 32 on
@@ -30,6 +35,35 @@ SHAPE = dict(
     num_key_value_heads=2, max_position_embeddings=PRETRAINED, initializer_range=0.2,  # large enough to move logits
 )
 ABSENT = object()  # a SHAPE key the family's config does not take
+# Every method at the scale of these models (trained on 64 tokens), acting on a 100-token input: the one place a
+# method's test-size parameters live. A method not listed runs at its defaults.
+AT_TINY_SCALE = {
+    # per-token selection: prefill then selects as decoding does (block_size > 1 shares one choice per block)
+    "longheads": dict(window_size=W, atten_length=A, block_size=1, exact_tail=4),
+    "window": dict(sink_tokens=2, window_size=16),
+    "pi": dict(factor=2.0),
+    "ntk": dict(factor=2.0, dynamic=False),
+    "yarn": dict(factor=2.0),
+    "self_extend": dict(group_size=3, neighbor_window=16),  # reaches (64 - 16) * 3 + 16 = 160 tokens
+    "dca": dict(chunk_size=24, local_window=8),
+    "lm_infinite": dict(n_global=2, n_local=16),
+    # blocks of 4, 4 initial tokens, a local window of 16, 2 retrieved blocks: lookups from position 28, per token
+    "infllm": dict(block_size=4, n_init=4, n_local=16, topk=2, repr_topk=2, exc_block_size=1, exact_tail=4),
+}
+# (parameters, input length) under which a method's range covers the input, so it must equal full attention.
+WITHIN_RANGE = {
+    "full": ({}, 48),
+    "longheads": (AT_TINY_SCALE["longheads"], A),
+    "window": (dict(sink_tokens=2, window_size=46), 48),
+    "pi": (dict(factor=1.0), 48),
+    "ntk": (dict(factor=1.0, dynamic=False), 48),
+    "yarn": (dict(factor=1.0), 48),
+    "self_extend": (dict(group_size=2, neighbor_window=48), 48),
+    "dca": (dict(chunk_size=48, local_window=8), 48),
+    "lm_infinite": (dict(n_global=2, n_local=48), 48),
+    "infllm": (dict(block_size=4, n_init=4, n_local=48, topk=2, repr_topk=2, exc_block_size=8), 48),
+}
+ATTENTION_METHODS = [name for name, cls in METHODS.items() if issubclass(cls, AttentionMethod)]
 GEMMA_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -83,7 +117,11 @@ def logits(lm: LoadedModel, ids: torch.Tensor, method=None, **kwargs) -> torch.T
 
 
 def lh(**params) -> LongHeads:
-    return LongHeads(**{"window_size": W, "atten_length": A, "block_size": 4, "exact_tail": 4, **params})
+    return LongHeads(**{**AT_TINY_SCALE["longheads"], **params})
+
+
+def at_tiny_scale(name: str, **params):
+    return build_method(name, **{**AT_TINY_SCALE.get(name, {}), **params})
 
 
 def layer_keys(lm: LoadedModel, ids: torch.Tensor, shift: int) -> dict[int, torch.Tensor]:
@@ -135,63 +173,92 @@ def test_gemma3_layer_types_have_their_own_window_and_rope(gemma):
     assert not torch.allclose(rotate(keys, torch.tensor(37), layers[0].inv_freq), layer_keys(gemma, ids, 37)[2], atol=1e-3)
 
 
-# --- each method against full attention ---------------------------------------------------------------------------
+# --- every method on every family ---------------------------------------------------------------------------------
 
 
-def test_longheads_within_atten_length_equals_full_attention(lm):
-    ids = ids_of(A)
-    torch.testing.assert_close(logits(lm, ids, lh()), logits(lm, ids), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_on_every_family_and_decodes_as_it_prefills(lm, name):
+    ids = ids_of(100)
+    method = at_tiny_scale(name)
+    method.check_length(lm, 100)
+    prefill = logits(lm, ids, method)
+    with method(lm), torch.no_grad():
+        output = lm.model(ids[:, :70], use_cache=True)
+        cache = output_cache(output)
+        steps = [output.logits[:, -1]]
+        steps += [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(70, 99)]
+    assert torch.isfinite(prefill).all()
+    # the same computation in another order (one query at a time against the cache): float32 rounding only
+    tolerance = rounding_tolerance(prefill, model_chain(lm.model.config, 100))
+    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 69:99], atol=tolerance, rtol=0)
 
 
-def test_window_covering_the_input_equals_full_attention(lm):
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_within_its_range_equals_full_attention(lm, name):
+    if name not in WITHIN_RANGE:
+        pytest.skip(f"{name} has no within-range parameters in WITHIN_RANGE")
+    params, length = WITHIN_RANGE[name]
+    ids = ids_of(length)
+    method = build_method(name, **params)
+    method.check_length(lm, length)
+    expected = logits(lm, ids)
+    tolerance = rounding_tolerance(expected, model_chain(lm.model.config, length))
+    torch.testing.assert_close(logits(lm, ids, method), expected, atol=tolerance, rtol=0)
+
+
+def test_window_one_token_short_of_the_input_differs_from_full_attention(lm):
     ids = ids_of(48)
-    reference = logits(lm, ids)
-    torch.testing.assert_close(logits(lm, ids, SlidingWindow(sink_tokens=2, window_size=46)), reference, atol=1e-5, rtol=1e-5)
     one_short = logits(lm, ids, SlidingWindow(sink_tokens=2, window_size=45))  # the first non-sink token is dropped
-    assert (one_short[:, -1] - reference[:, -1]).abs().max() > 1e-3
+    assert (one_short[:, -1] - logits(lm, ids)[:, -1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("scaling", [PositionInterpolation, lambda factor: NTKScaling(factor=factor, dynamic=False)])
-def test_rope_scaling_with_factor_one_equals_full_attention_and_larger_changes_it(lm, scaling):
+@pytest.mark.parametrize("scaling", ["pi", "ntk", "yarn"])
+def test_rope_scaling_with_factor_above_one_changes_the_logits(lm, scaling):
     ids = ids_of(48)
-    reference = logits(lm, ids)
-    torch.testing.assert_close(logits(lm, ids, scaling(factor=1.0)), reference, atol=1e-5, rtol=1e-5)
-    assert (logits(lm, ids, scaling(factor=2.0)) - reference).abs().max() > 1e-3
+    assert (logits(lm, ids, at_tiny_scale(scaling)) - logits(lm, ids)).abs().max() > 1e-3
 
 
-def test_rope_scaling_stretches_only_the_global_layers_of_gemma3(gemma):
+@pytest.mark.parametrize("scaling", [PositionInterpolation, YaRN])
+def test_rope_scaling_stretches_only_the_global_layers_of_gemma3(gemma, scaling):
     before = [layer.inv_freq for layer in attention_layers(gemma.model)]
-    with PositionInterpolation(factor=4.0)(gemma):
+    with scaling(factor=4.0)(gemma):
         during = [layer.inv_freq for layer in attention_layers(gemma.model)]
     for layer_type, old, new in zip(GEMMA_LAYER_TYPES, before, during):
-        torch.testing.assert_close(new, old / 4 if layer_type == "full_attention" else old)
+        if layer_type == "full_attention":
+            assert (new <= old).all() and (new < old).any()
+        else:
+            torch.testing.assert_close(new, old)
+    with PositionInterpolation(factor=4.0)(gemma):
+        torch.testing.assert_close(attention_layers(gemma.model)[2].inv_freq, before[2] / 4)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: PositionInterpolation(factor=2),
-        lambda: NTKScaling(factor=2, dynamic=False),
-        lambda: NTKScaling(dynamic=True),
-        lambda: SlidingWindow(sink_tokens=2, window_size=16),
-        lambda: lh(),
-        lambda: lh(rope_scaling={"name": "pi", "factor": 2.0}),
-    ],
-    ids=["pi", "ntk", "dynamic-ntk", "window", "longheads", "longheads+pi"],
-)
-def test_remove_restores_the_model_exactly(lm, make):
+@pytest.mark.parametrize("name", [*METHODS, "longheads+pi", "dca+yarn"])
+def test_remove_restores_the_model_exactly(lm, name):
+    name, _, rescaling = name.partition("+")
+    make = lambda: at_tiny_scale(name, **({"rope_scaling": at_tiny_scale(rescaling)} if rescaling else {}))  # noqa: E731
     ids = ids_of(2 * PRETRAINED)
     model, config = lm.model, lm.model.config
     before = logits(lm, ids)
     parameters, saved_parameters = config.rope_parameters, copy.deepcopy(config.rope_parameters)
     modules, implementation = dict(model.named_modules()), config._attn_implementation
-    with make()(lm):
-        assert (logits(lm, ids) - before).abs().max() > 1e-3  # the method acts on this beyond-pretrained input
+    method = make()
+    method.check_length(lm, 2 * PRETRAINED)
+    with method(lm):
+        if name in AT_TINY_SCALE:  # the method acts on this beyond-pretrained input
+            assert (logits(lm, ids) - before).abs().max() > 1e-3
     assert config.rope_parameters is parameters and config.rope_parameters == saved_parameters
     assert config._attn_implementation == implementation
     assert dict(model.named_modules()) == modules  # the very same rotary modules are back
     assert not any(module._forward_pre_hooks for module in model.modules())
     assert not any(hasattr(module, "longctx_method") or hasattr(module, "longctx_inv_freq") for module in model.modules())
+    torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
+
+
+def test_dynamic_ntk_also_restores_the_model(lm):
+    ids = ids_of(2 * PRETRAINED)
+    before = logits(lm, ids)
+    with NTKScaling(dynamic=True)(lm):
+        assert (logits(lm, ids) - before).abs().max() > 1e-3
     torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
 
 
@@ -207,7 +274,8 @@ def test_longheads_past_atten_length_decodes_as_it_prefills_within_range(lm):
         lm.model(ids[:, :70], **with_cache(lm.model, cache))  # 70: mid-chunk, past the selective start
         steps = [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(70, 100)]
         trace = method.trace()
-    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 70:], atol=1e-4, rtol=1e-4)
+    tolerance = rounding_tolerance(prefill, model_chain(lm.model.config, 100))
+    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 70:], atol=tolerance, rtol=0)
     slots = A // W
     global_layers = [layer for layer in attention_layers(lm.model) if not layer.is_local(PRETRAINED)]
     assert len(trace["steps"]) == 31  # the prefill's last query, then 30 decoding steps
@@ -250,16 +318,20 @@ def own_attention(module, hidden_states, position_embeddings) -> torch.Tensor:
         return module(hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=mask[None, None])[0]
 
 
-@pytest.mark.parametrize("make", [lambda **kw: lh(**kw), lambda **kw: SlidingWindow(sink_tokens=2, window_size=16, **kw)])
-def test_gemma3_sliding_layers_keep_their_own_attention(gemma, make):
+@pytest.mark.parametrize("name", ATTENTION_METHODS)
+def test_gemma3_sliding_layers_keep_their_own_attention(gemma, name):
     ids = ids_of(100)
     for replace in (False, True):
-        seen = attention_inputs_and_outputs(gemma, ids, make(replace_sliding_layers=replace))
+        method = at_tiny_scale(name, replace_sliding_layers=replace)
+        method.check_length(gemma, 100)
+        seen = attention_inputs_and_outputs(gemma, ids, method)
         for index, layer_type in enumerate(GEMMA_LAYER_TYPES):
             hidden, position_embeddings, output = seen[index]
             own = own_attention(gemma.model.model.layers[index].self_attn, hidden, position_embeddings)
             kept = layer_type == "sliding_attention" and not replace
-            assert torch.allclose(output, own, atol=1e-5) == kept, (replace, index)
+            # a layer's own attention and the method's differ by rounding where the layer was kept
+            tolerance = rounding_tolerance(own, model_chain(gemma.model.config, 100))
+            assert torch.allclose(output, own, atol=tolerance, rtol=0) == kept, (replace, index)
 
 
 def test_gemma3_caches_keep_only_the_window_of_local_layers(gemma):
@@ -285,25 +357,29 @@ def test_a_model_of_only_sliding_layers_needs_replace_sliding_layers():
         lm.model(ids[:, :40], **with_cache(lm.model, cache))
         steps = [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(40, 60)]
     assert all(layer.keys.shape[-2] == 60 for layer in cache.layers)  # LongHeads' layers keep every token
-    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 40:], atol=1e-4, rtol=1e-4)
+    tolerance = rounding_tolerance(prefill, model_chain(lm.model.config, 60))
+    torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 40:], atol=tolerance, rtol=0)
 
 
 # --- no RoPE ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "make", [lambda: PositionInterpolation(factor=2), lambda: NTKScaling(), lambda: SlidingWindow(), lambda: lh()],
-    ids=["pi", "ntk", "window", "longheads"],
-)
-def test_a_model_without_rope_gets_a_one_line_error(make):
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_model_without_rope_runs_unchanged_or_gets_a_one_line_error(name):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = LoadedModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), None, "gpt2", 1024)
-    with pytest.raises(MethodError, match="RoPE") as error:
-        make().apply(gpt2)
-    assert "\n" not in str(error.value)
+    gpt2 = LoadedModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval(), None, "gpt2", 1024)
+    ids = ids_of(20) % 64
+    before = logits(gpt2, ids)
+    method = at_tiny_scale(name)
+    try:
+        with method(gpt2):
+            torch.testing.assert_close(logits(gpt2, ids), before, atol=0, rtol=0)  # e.g. full attention
+    except MethodError as error:
+        assert "RoPE" in str(error) and "\n" not in str(error)
     assert gpt2.model.config._attn_implementation == "sdpa"
     assert not any(module._forward_pre_hooks for module in gpt2.model.modules())
+    torch.testing.assert_close(logits(gpt2, ids), before, atol=0, rtol=0)
 
 
 # --- real weights -------------------------------------------------------------------------------------------------
@@ -335,12 +411,14 @@ UNSUPPORTED = {
 }
 
 
-@pytest.mark.parametrize("make", [lambda: SlidingWindow(), lambda: lh()], ids=["window", "longheads"])
+@pytest.mark.parametrize("name", ATTENTION_METHODS)
 @pytest.mark.parametrize("feature", list(UNSUPPORTED))
-def test_attention_features_the_methods_lack_are_refused(make, feature):
-    """Gemma 2's logit soft-capping, Cohere's interleaved RoPE: refused, not silently computed wrong."""
+def test_attention_features_the_methods_lack_are_refused(name, feature):
+    """Gemma 2's logit soft-capping, Cohere's interleaved RoPE: every method that replaces the attention refuses them
+    in one line, not silently computing them wrong (a RoPE rescaling underneath is taken off again)."""
     lm = LoadedModel(UNSUPPORTED[feature]().eval(), None, feature, PRETRAINED)
-    implementation = lm.model.config._attn_implementation
-    with pytest.raises(MethodError, match=feature):
-        make().apply(lm)
-    assert lm.model.config._attn_implementation == implementation
+    implementation, parameters = lm.model.config._attn_implementation, copy.deepcopy(lm.model.config.rope_parameters)
+    with pytest.raises(MethodError, match=feature) as error:
+        at_tiny_scale(name, rope_scaling=PositionInterpolation(factor=2.0)).apply(lm)
+    assert "\n" not in str(error.value)
+    assert lm.model.config._attn_implementation == implementation and lm.model.config.rope_parameters == parameters

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 RECORD_KEYS = {
     "sample", "length", "prompt_tokens", "depth", "needle_token", "needle_end", "key", "output", "correct", "seconds", "peak_gpu_gib",
+    "peak_rss_gib",
 }
 
 
@@ -244,12 +245,14 @@ def test_cli_unknown_method_names_the_options_without_a_traceback():
         (["model=hf"], "needs model.path"),
         (["task=pg19", "task.source=folder", "task.path={empty}"], "no non-empty .txt books"),
         (["method=longheads", "method.kernel=triton"], "kernel=triton needs a CUDA device"),  # model.device=cpu
+        (["method=longheads", "method.rope_scaling={name:ntk}"], "dynamic ntk"),  # before the model loads
+        (["method=dca", "method.rope_scaling={name:yarn,scale:2}"], "no parameter scale"),
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(tmp_path, overrides, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.md").write_text("not a book")
-    overrides = [override.format(empty=tmp_path / "empty") for override in overrides]
+    overrides = [override.replace("{empty}", str(tmp_path / "empty")) for override in overrides]
     result = run_cli(*overrides, "logger=none", "model.device=cpu", f"output_dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -84,6 +84,12 @@ def sweep_cells(experiment: str) -> tuple[str, list[dict[str, str]]]:
     return cfg.task.name, [dict(cell) for cell in cover]
 
 
+def method_name(option: str) -> str:
+    """The registered method a `method=` option builds: itself, or the one a preset in conf/method/ extends."""
+    preset = CONF / "method" / f"{option}.yaml"
+    return OmegaConf.load(preset).defaults[0] if preset.exists() else option
+
+
 def tiny_overrides(cell: dict[str, str], tiny_dir: Path, task: str = "passkey") -> list[str]:
     """A cell at tiny size: swept lengths and sample counts replaced, the tiny model on the CPU, no wandb."""
     cfg_keys = {**cell, **TINY[task], "model.path": str(tiny_dir), "model.device": "cpu", "logger": "none"}
@@ -103,8 +109,8 @@ def test_every_experiment_composes_and_runs_at_tiny_size(experiment, tiny_dir, t
     for cell in cells:
         cfg = compose_cell(["model=hf", f"+experiment={experiment}", *tiny_overrides(cell, tiny_dir, task)], tmp_path)
         for key, value in cell.items():  # the swept value reaches the job's config, at tiny size where it is a size
-            reached = cfg.method.name if key == "method" else OmegaConf.select(cfg, key)
-            assert key in TINY[task] or str(reached).replace(" ", "") == value.replace(" ", ""), (key, reached, value)
+            reached, expected = (cfg.method.name, method_name(value)) if key == "method" else (OmegaConf.select(cfg, key), value)
+            assert key in TINY[task] or str(reached).replace(" ", "") == expected.replace(" ", ""), (key, reached, value)
         if cfg.method.name in methods_run:
             continue  # every cell composes; one cell per method runs, to keep the test fast
         methods_run.add(cfg.method.name)
@@ -239,10 +245,10 @@ def test_submitit_local_multirun_runs_every_cell_in_its_own_process(tiny_dir, tm
     assert sorted(runs["method"]) == ["full", "window"]
 
 
-def write_run(root: Path, stamp: str, method: str, device: str, dtype: str, accuracy: float) -> None:
+def write_run(root: Path, stamp: str, method: str, device: str, dtype: str, accuracy: float, **params) -> None:
     run_dir = root / stamp
     run_dir.mkdir(parents=True)
-    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": method},
+    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": method, **params},
               "task": {"name": "passkey", "lengths": [4096]}, "seed": 1}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / "metrics.json").write_text(json.dumps({"accuracy@4096": accuracy}))
@@ -261,6 +267,23 @@ def test_aggregation_keeps_machines_apart(tmp_path):
                             ["window", "cpu", "float32", "0.25"]]
     merged = aggregate.table(runs, "passkey", "accuracy", merge_machines=True)  # asked for: newest wins, named
     assert merged.loc["full", 4096] == "0.5 cpu float32"
+
+
+def test_composed_methods_are_labelled_apart(tmp_path):
+    write_run(tmp_path, "2026-01-01", "dca", "cpu", "float32", 1.0, rope_scaling=None)
+    write_run(tmp_path, "2026-01-02", "dca", "cpu", "float32", 0.5, rope_scaling={"name": "yarn", "factor": 2.0})
+    write_run(tmp_path, "2026-01-03", "dca", "cpu", "float32", 0.25, rope_scaling={"name": "pi", "factor": 4.0})
+    cells = aggregate.table(aggregate.load_runs(tmp_path), "passkey", "accuracy")
+    assert dict(zip(cells.index.get_level_values("label"), cells[4096])) == {
+        "dca": "1", "dca+yarn(factor=2)": "0.5", "dca+pi(factor=4)": "0.25"}
+
+
+def test_cli_composes_a_rescaling_under_an_attention_method(tiny_dir, tmp_path):
+    overrides = ["model=hf", "method=dca", "method.rope_scaling={name:yarn,factor:2}", *tiny_overrides({}, tiny_dir)]
+    _, run_dir = run_from_config(compose_cell(overrides, tmp_path))
+    recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").method.rope_scaling)
+    assert recorded == {"name": "yarn", "factor": 2}
+    assert aggregate.label_methods(aggregate.load_runs(tmp_path)).tolist() == ["dca+yarn(factor=2)"]
 
 
 @pytest.mark.slow  # a Jupyter kernel starts and imports the stack: about 30 s on 2 cores

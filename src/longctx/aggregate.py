@@ -20,7 +20,9 @@ from omegaconf import OmegaConf
 from longctx.tracking import PROVENANCE_FILE, read_provenance
 
 # Method parameters that tell two runs of one method apart in a table label, when they differ across runs.
-LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload")
+LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload",
+                "group_size", "neighbor_window", "chunk_size", "local_window", "n_global", "n_local", "d_max",
+                "topk", "summary", "sharing", "positions")
 # What a run measured on. Tables keep runs on different machines apart; numbers from a bfloat16 GPU run and a float32
 # CPU run of the same configuration are not the same measurement.
 MACHINE = ["model", "device", "dtype"]
@@ -52,7 +54,8 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
             "gpu": provenance.get("gpu"),
             "provenance": provenance.get("source", "measured" if provenance else "none"),
             "seed": config.get("seed"),
-            **{f"method.{k}": v for k, v in config["method"].items() if k != "name" and not isinstance(v, (dict, list))},
+            **{f"method.{k}": _composed(v) if isinstance(v, dict) else v
+               for k, v in config["method"].items() if k != "name" and not isinstance(v, list)},
         }
         per_length: dict[int, dict[str, float]] = {}
         for key, value in metrics.items():
@@ -89,15 +92,24 @@ def _sample_counts(predictions: Path) -> tuple[dict[int, int], dict[tuple[int, s
     return per_length, per_dataset
 
 
+def _composed(config: dict) -> str:
+    """A method held as a parameter (a RoPE rescaling), as a label: {"name": "yarn", "factor": 2.0} -> 'yarn(factor=2)'."""
+    params = ", ".join(f"{key}={_plain(value)}" for key, value in config.items() if key != "name" and value is not None)
+    return f"{config.get('name', '?')}({params})" if params else str(config.get("name", "?"))
+
+
 def label_methods(runs: pd.DataFrame) -> pd.Series:
-    """'longheads A=2048' style labels: the method plus whichever of its parameters vary within that method."""
+    """'longheads A=2048' style labels: the method plus whichever of its parameters vary within that method; a RoPE
+    rescaling underneath always shows ('dca+yarn(factor=2)'), since it makes another method of it."""
     labels = runs["method"].copy()
-    short = {"atten_length": "A", "window_size": "w", "block_size": "block", "exact_tail": "tail", "sink_tokens": "sinks", "cpu_offload": "offload"}
+    short = {"atten_length": "A", "window_size": "w", "block_size": "block", "exact_tail": "tail", "sink_tokens": "sinks",
+             "cpu_offload": "offload", "group_size": "G", "neighbor_window": "W", "chunk_size": "s", "local_window": "w"}
     for method, group in runs.groupby("method"):
         varying = [p for p in LABEL_PARAMS if f"method.{p}" in group and group[f"method.{p}"].nunique(dropna=False) > 1]
         for index, row in group.iterrows():
             parts = [f"{short.get(p, p)}={_plain(row[f'method.{p}'])}" for p in varying]
-            labels[index] = " ".join([method, *parts])
+            rescaling = row.get("method.rope_scaling")
+            labels[index] = " ".join([method + (f"+{rescaling}" if isinstance(rescaling, str) else ""), *parts])
     return labels
 
 

@@ -15,9 +15,13 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 from hydra.core.config_store import ConfigStore
 
 from longctx.methods.base import Method
+from longctx.methods.dca import DualChunkAttention
 from longctx.methods.full import FullAttention
+from longctx.methods.infllm import InfLLM
+from longctx.methods.lm_infinite import LMInfinite
 from longctx.methods.longheads import LongHeads
-from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
+from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation, YaRN
+from longctx.methods.self_extend import SelfExtend
 from longctx.methods.window import SlidingWindow
 from longctx.tasks.base import Task
 from longctx.tasks.longbench import LongBench, LongBenchV2
@@ -27,10 +31,15 @@ from longctx.tasks.ruler import Ruler
 
 METHODS: dict[str, type[Method]] = {
     "full": FullAttention,
+    "infllm": InfLLM,
     "longheads": LongHeads,
     "pi": PositionInterpolation,
     "ntk": NTKScaling,
     "window": SlidingWindow,
+    "yarn": YaRN,
+    "self_extend": SelfExtend,
+    "dca": DualChunkAttention,
+    "lm_infinite": LMInfinite,
 }
 
 TASKS: dict[str, type[Task]] = {

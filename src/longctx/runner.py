@@ -48,6 +48,7 @@ def evaluate(
     included) leaves its folder marked failed in provenance.json, with no metrics.json.
     """
     task.check(lm)  # bad input fails here, before a run folder or a wandb run exists; may settle task.max_length()
+    method.check_device(lm.device)
     method.check_length(lm, task.max_length())
     if out_dir is None:
         return _measure(lm, method, task, on_sample=lambda record: None)
@@ -85,7 +86,7 @@ def run_config(lm: LoadedModel, method: Method, task: Task) -> dict[str, Any]:
     """What an API run records as config.yaml: the same shape as the CLI's, so `longctx.aggregate` reads both."""
     return {
         "model": {"name": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
-        "method": {"name": method.name, **dataclasses.asdict(method)},
+        "method": method.config(),
         "task": {"name": task.name, **dataclasses.asdict(task)},
     }
 

@@ -27,10 +27,11 @@ def accuracy_heatmap(grid: pd.DataFrame, label: str = "accuracy") -> Figure:
 
 
 def chunk_selection_heatmap(chosen: np.ndarray, num_chunks: int, highlight_chunks: list[int], title: str = "") -> Figure:
-    """The paper's Figure 5: which chunks each head picked, one row per (layer, head), one column per chunk.
+    """LongHeads' Figure 5: which chunks each head picked, one row per (layer, head), one column per chunk; for a method
+    that selects per layer (InfLLM), one row per layer.
 
     Args:
-        chosen: int array [layers, heads, slots] of chunk indices picked for one query token.
+        chosen: int array [layers, heads or selections per layer, slots] of chunk indices picked for one query token.
         num_chunks: chunks in the context (columns).
         highlight_chunks: chunks to outline (the ones holding the passkey).
     """
@@ -43,7 +44,7 @@ def chunk_selection_heatmap(chosen: np.ndarray, num_chunks: int, highlight_chunk
     for chunk in highlight_chunks:
         ax.axvspan(chunk - 0.5, chunk + 0.5, fill=False, edgecolor="red", linewidth=1.5)
     ax.set_yticks([layer * heads + heads / 2 - 0.5 for layer in range(layers)], [str(layer) for layer in range(layers)])
-    ax.set_ylabel(f"layer ({heads} heads each)")
+    ax.set_ylabel(f"layer ({heads} heads each)" if heads > 1 else "layer (one selection each)")
     ax.set_xlabel("chunk index")
     ax.set_title(title or "chunks chosen per head")
     fig.tight_layout()

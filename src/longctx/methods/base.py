@@ -1,23 +1,24 @@
-"""What every method is: a small dataclass that patches a loaded model and can undo it."""
+"""The plumbing every attention-replacing method shares: `AttentionMethod` (hooks, cache install, exact remove, an
+optional RoPE rescaling applied underneath), the cache keyword of the installed transformers, and the plain attention
+kernels (causal, sliding-window) that methods fall back to. `Method` and `MethodError` live in method.py."""
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import DynamicLayer
 
+from longctx.methods.method import Method, MethodError
 from longctx.methods.rope import LENGTH_DEPENDENT_ROPE, AttentionLayer, attention_layers
+from longctx.methods.rope_scaling import RopeScaling, rope_scaling_value
 from longctx.models import LoadedModel
 
-
-class MethodError(ValueError):
-    """A method cannot serve this model or this length; the message says what to change."""
+__all__ = ["AttentionMethod", "Method", "MethodError", "causal_attention", "sliding_window_attention", "with_cache", "output_cache"]
 
 
 # The keyword a model's forward takes its KV cache under: transformers 5.24 renamed `past_key_values` to `cache`
@@ -56,43 +57,6 @@ def causal_attention(
 
 
 @dataclass
-class Method:
-    """Base of all methods. Subclasses set `name`, override `apply`/`remove`, and may override `check_length`.
-
-    Use as a context manager so that one loaded model serves several methods in one process:
-
-        with LongHeads(window_size=256)(lm):
-            lm.model.generate(...)
-    """
-
-    name: ClassVar[str] = "base"
-
-    def apply(self, lm: LoadedModel) -> None:
-        """Patch the model in place."""
-
-    def remove(self, lm: LoadedModel) -> None:
-        """Undo `apply` exactly."""
-
-    def check_device(self, device: torch.device) -> None:
-        """Raise `MethodError` if this method cannot run on `device`; the runner asks before loading the model."""
-
-    def check_length(self, lm: LoadedModel, length: int) -> None:
-        """Raise `MethodError` if this method cannot run the model at `length` tokens."""
-
-    def trace(self) -> dict[str, Any] | None:
-        """Method-specific record of the last forward pass (e.g. chosen chunks), or None."""
-        return None
-
-    @contextmanager
-    def __call__(self, lm: LoadedModel) -> Iterator[LoadedModel]:
-        self.apply(lm)
-        try:
-            yield lm
-        finally:
-            self.remove(lm)
-
-
-@dataclass
 class AttentionMethod(Method):
     """A method that swaps the attention of a model's layers for a registered function and brings its own KV cache.
 
@@ -105,10 +69,23 @@ class AttentionMethod(Method):
     Where a model mixes layer types (Gemma 3: five local sliding-window layers per global one), the method acts on
     the global layers; local layers keep their own sliding-window attention unless `replace_sliding_layers` is set.
     Batches must not be padded: transformers builds no mask for a custom attention function.
+
+    Every attention method takes an optional RoPE rescaling (`rope_scaling`: a PositionInterpolation, NTKScaling or
+    YaRN from rope_scaling.py, or its config as a dict, {"name": "yarn", "factor": 2}), checked when the method is
+    built, before any model loads. `apply` installs it first, so the frequencies the method re-rotates with are the
+    rescaled ones; `remove` takes it off last.
     """
 
     attention_name: ClassVar[str] = "base"
     replace_sliding_layers: bool = False
+    rope_scaling: RopeScaling | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.rope_scaling = rope_scaling_value(self.rope_scaling, self.name)
+
+    def check_length(self, lm: LoadedModel, length: int) -> None:
+        if self.rope_scaling is not None:
+            self.rope_scaling.aim(length)  # a factor left to None is derived from this length
 
     @staticmethod
     def attention_function(module, query, key, value, attention_mask, **kwargs):
@@ -148,7 +125,15 @@ class AttentionMethod(Method):
 
     def apply(self, lm: LoadedModel) -> None:
         model = lm.model
-        layers, acted = self.layers_to_act_on(lm)
+        self.check_device(lm.device)  # API users get the runner's early refusal too, before anything is patched
+        if self.rope_scaling is not None:
+            self.rope_scaling.apply(lm)
+        try:
+            layers, acted = self.layers_to_act_on(lm)
+        except MethodError:
+            if self.rope_scaling is not None:
+                self.rope_scaling.remove(lm)
+            raise
         for layer in acted:
             layer.module.longctx_method = self
             layer.module.longctx_inv_freq = layer.inv_freq.clone()
@@ -178,6 +163,8 @@ class AttentionMethod(Method):
         for module in modules:
             del module.longctx_method, module.longctx_inv_freq
         del self._installed, self.local_windows, self._replaced_sliding, self._cache_argument
+        if self.rope_scaling is not None:
+            self.rope_scaling.remove(lm)
 
     def _before_forward(self, decoder, args, kwargs):
         mask = kwargs.get("attention_mask")

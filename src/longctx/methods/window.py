@@ -95,6 +95,19 @@ class SinkWindowCache(Cache):
         )
 
 
+def sink_window_cache(
+    config, cache: Cache | None, use_cache: bool | None, sink_tokens: int, window_size: int, local_windows: dict[int, int]
+) -> Cache | None:
+    """The cache a forward call of a sinks + recent-window method should use (StreamingLLM, LM-Infinite): a fresh
+    `SinkWindowCache` where the call would start a cache, else the one it was given."""
+    fresh = cache is None and (use_cache if use_cache is not None else config.use_cache)
+    # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
+    if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+        return SinkWindowCache(sink_tokens, window_size, layers, local_windows)
+    return cache
+
+
 def window_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -184,6 +197,7 @@ class SlidingWindow(AttentionMethod):
     window_size: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.sink_tokens < 0 or (self.window_size is not None and self.window_size < 1):
             raise MethodError(f"window: need sink_tokens >= 0 and window_size >= 1 (got {self})")
 
@@ -199,9 +213,4 @@ class SlidingWindow(AttentionMethod):
         super().apply(lm)
 
     def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> Cache | None:
-        fresh = cache is None and (use_cache if use_cache is not None else config.use_cache)
-        # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
-        if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-            layers = config.get_text_config(decoder=True).num_hidden_layers
-            return SinkWindowCache(self.window.sink_tokens, self.window.window_size, layers, self.local_windows)
-        return cache
+        return sink_window_cache(config, cache, use_cache, self.window.sink_tokens, self.window.window_size, self.local_windows)

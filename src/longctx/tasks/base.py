@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import pandas as pd
@@ -47,13 +49,34 @@ class Task:
         return {}
 
 
+def reset_peak_host_memory() -> None:
+    """Restart the process's peak resident set size (Linux: VmHWM), so that `peak_host_memory_gib` measures what runs
+    from now on. A no-op where /proc cannot do it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_host_memory_gib() -> float | None:
+    """Peak resident set size of this process since the last `reset_peak_host_memory` (the whole process: weights
+    included), in GiB; None where /proc does not report it."""
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return round(int(found.group(1)) / 2**20, 3) if found else None
+
+
 @dataclass(frozen=True)
 class Generation:
-    """A greedy continuation, the seconds it took (prefill + decoding) and the peak GPU memory (None on a CPU)."""
+    """A greedy continuation, the seconds it took (prefill + decoding) and the peak memory: GPU allocation (None on a
+    CPU) and the process's host resident set (None where /proc does not report it)."""
 
     text: str
     seconds: float
     peak_gpu_gib: float | None
+    peak_rss_gib: float | None = None
 
 
 def greedy_generate(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int, **options: Any) -> Generation:
@@ -62,6 +85,7 @@ def greedy_generate(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: in
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(lm.device)
         torch.cuda.synchronize(lm.device)
+    reset_peak_host_memory()
     started = time.perf_counter()
     with torch.inference_mode():
         output = lm.model.generate(
@@ -72,20 +96,21 @@ def greedy_generate(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: in
     seconds = time.perf_counter() - started
     text = lm.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     peak = round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 3) if on_cuda else None
-    return Generation(text, round(seconds, 3), peak)
+    return Generation(text, round(seconds, 3), peak, peak_host_memory_gib())
 
 
 def sample_record(index: int, length: int, generation: Generation, **fields: Any) -> dict[str, Any]:
     """A task's prediction record: the sample's index in the run and its length first, the task's own `fields`, then
-    what the sample cost (seconds, peak GPU memory), as `cost_metrics` reads them."""
-    return {"sample": index, "length": length, **fields,
-            "seconds": generation.seconds, "peak_gpu_gib": generation.peak_gpu_gib}
+    what the sample cost (seconds, peak GPU memory, peak host memory), as `cost_metrics` reads them."""
+    return {"sample": index, "length": length, **fields, "seconds": generation.seconds,
+            "peak_gpu_gib": generation.peak_gpu_gib, "peak_rss_gib": generation.peak_rss_gib}
 
 
 def cost_metrics(records: pd.DataFrame, length: int) -> dict[str, float]:
-    """`seconds@<length>`, the median seconds per sample of `records` (one length's `sample_record`s), and on a GPU
-    `peak_gpu_gib@<length>`, their peak memory."""
+    """`seconds@<length>`, the median seconds per sample of `records` (one length's `sample_record`s), and where
+    measured `peak_gpu_gib@<length>` / `peak_rss_gib@<length>`, their peak memory."""
     metrics = {f"seconds@{length}": float(records.seconds.median())}
-    if records.peak_gpu_gib.notna().any():
-        metrics[f"peak_gpu_gib@{length}"] = float(records.peak_gpu_gib.max())
+    for peak in ("peak_gpu_gib", "peak_rss_gib"):
+        if peak in records and records[peak].notna().any():
+            metrics[f"{peak}@{length}"] = float(records[peak].max())
     return metrics

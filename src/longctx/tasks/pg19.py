@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from longctx.data.books import SOURCES, Book, book_files, load_books
 from longctx.models import LoadedModel
-from longctx.tasks.base import SampleCallback, Task, TaskError
+from longctx.tasks.base import SampleCallback, Task, TaskError, peak_host_memory_gib, reset_peak_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +158,15 @@ class PG19Perplexity(Task):
         sample = 0  # not progress.n: a disabled bar (TQDM_DISABLE=1) never counts
         for length, plan in plans.items():
             sums = np.zeros(length - 1, dtype=np.float64)
+            peaks = []
             for book_index, segment in plan:
+                reset_peak_host_memory()
                 started = time.perf_counter()
                 nll = token_nll(lm, tokens[book_index][segment * length : (segment + 1) * length], self.slice_tokens)
                 nll = nll.double().cpu().numpy()
                 sums += nll
                 mean = float(nll.mean())
+                peaks.append(peak_host_memory_gib())
                 on_sample(
                     {
                         "sample": sample,
@@ -175,6 +178,7 @@ class PG19Perplexity(Task):
                         "ppl": math.exp(mean),
                         "tokens": len(nll),
                         "seconds": time.perf_counter() - started,
+                        "peak_rss_gib": peaks[-1],
                     }
                 )
                 sample += 1
@@ -186,6 +190,8 @@ class PG19Perplexity(Task):
             metrics[f"nll@{length}"] = mean_nll
             metrics[f"segments@{length}"] = float(len(plan))
             metrics[f"skipped_books@{length}"] = float(skipped[length])
+            if None not in peaks:
+                metrics[f"peak_rss_gib@{length}"] = max(peaks)
             log.info("length %d: ppl %.3f over %d segments", length, metrics[f"ppl@{length}"], len(plan))
         progress.close()
         return metrics

@@ -1,4 +1,6 @@
-"""The cache LongHeads needs besides keys and values: per-layer chunk summaries and the queries of the open chunk."""
+"""The cache of the retrieval methods: keys and values in pages that grow by whole blocks, and per layer the block
+summaries a selection reads (LongHeads' chunk summaries, InfLLM's representative keys) with what they still need
+(the queries of the open chunk, the attention received by tokens not yet in a block)."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class GrowingLayer(DynamicLayer):
     """Keys and values in a buffer that grows by whole chunks, geometrically (x1.25), instead of `DynamicLayer`'s
     concatenation, which copies the whole cache at every decoding step. `keys`/`values` are views of the filled part.
 
-    With `host=True` (LongHeads `cpu_offload`) the buffer lives in host memory, pinned when the states come from a
+    With `host=True` (`cpu_offload`) the buffer lives in host memory, pinned when the states come from a
     GPU: `update` returns the host tensors and the attention moves what it needs to the accelerator.
     """
 
@@ -102,32 +104,44 @@ class GrowingLayer(DynamicLayer):
 
 
 @dataclass
-class LayerSummaries:
-    """Chunk summaries of one layer, for every query head.
+class LayerState:
+    """Block summaries of one layer and what the next ones are made from.
 
-    keys: [batch, q_heads, done_chunks, head_dim], the key summary c of each completed chunk.
-    open_queries: [batch, q_heads, tokens, head_dim], RoPE'd queries of the chunk still filling up
-        (its summary needs all of its queries, and decoding brings them one at a time).
+    keys: [batch, q_heads, done_blocks, head_dim] float32, one summary per block (LongHeads: the key summary c of each
+        completed chunk; InfLLM: the mean of each memory block's representative keys, without RoPE).
+    open_queries: [batch, q_heads, tokens, head_dim], RoPE'd queries of the chunk still filling up (LongHeads: its
+        summary needs all of its queries, and decoding brings them one at a time).
+    pending_scores: [batch, q_heads, tokens] float32, attention each token past the last summarised block has received
+        from the queries whose local window holds it (InfLLM: the representative tokens are the top ones).
     """
 
     keys: torch.Tensor | None = None
     open_queries: torch.Tensor | None = None
+    pending_scores: torch.Tensor | None = None
 
     @property
     def done_chunks(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
+    def map(self, change) -> None:
+        """Apply a change of the batch (a reorder, repeat or selection of sequences) to every tensor held."""
+        for name in ("keys", "open_queries", "pending_scores"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, change(value))
+
 
 @dataclass
 class SelectionTrace:
-    """Chunks chosen by every (layer, head) for the queries that produce output tokens, batch element 0."""
+    """Blocks attended by every (layer, selection unit) for the queries that produce output tokens, batch element 0:
+    the selected ones (sink and retrieved) and the recent ones the query reads anyway."""
 
-    steps: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per forward call: layer -> [heads, slots]
+    steps: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per forward call: layer -> [units, blocks]
     num_chunks: int = 0
 
 
-class LongHeadsCache(DynamicCache):
-    """A `DynamicCache` that also holds LongHeads' chunk summaries, with growing (not concatenating) K/V layers.
+class RetrievalCache(DynamicCache):
+    """A `DynamicCache` that also holds the block summaries, with growing (not concatenating) K/V layers.
 
     Layers of other kinds (a sliding-window layer of a model that mixes layer types) are left as the model made them.
     `reserve` (tokens) sizes the first allocation, so a sequence fed in pieces is not copied as it grows: with
@@ -143,18 +157,18 @@ class LongHeadsCache(DynamicCache):
             for layer in self.layers
         ]
         self.offload = offload
-        self.summaries: dict[int, LayerSummaries] = {}
+        self.summaries: dict[int, LayerState] = {}
         self.trace = SelectionTrace() if record_selection else None
+        self.workspace: dict[str, torch.Tensor] = {}  # the torch kernel's buffers, reused from one layer to the next
 
-    def layer_summaries(self, layer_idx: int) -> LayerSummaries:
-        return self.summaries.setdefault(layer_idx, LayerSummaries())
+    def layer_state(self, layer_idx: int) -> LayerState:
+        return self.summaries.setdefault(layer_idx, LayerState())
 
     # The summaries are per sequence like the keys: every change of the batch (beam search's reordering, a repeat or a
     # selection of sequences) applies to them too, or one beam would select chunks by another beam's summaries.
     def _map_summaries(self, change) -> None:
         for state in self.summaries.values():
-            state.keys = None if state.keys is None else change(state.keys)
-            state.open_queries = None if state.open_queries is None else change(state.open_queries)
+            state.map(change)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
