@@ -38,6 +38,15 @@ def model_chain(config, tokens: int, max_position: int | None = None) -> int:
     return config.num_hidden_layers * per_layer + config.hidden_size
 
 
+def logits(lm: LoadedModel, ids: torch.Tensor, method=None, **kwargs) -> torch.Tensor:
+    """The model's logits for `ids`, under `method` if one is given (applied and removed around the call)."""
+    with torch.no_grad():
+        if method is None:
+            return lm.model(ids, **kwargs).logits
+        with method(lm):
+            return lm.model(ids, **kwargs).logits
+
+
 def tiny_llama(max_positions: int = 256, seed: int = 0, tokenizer=None, **config) -> LoadedModel:
     """A 2-layer random Llama with GQA (4 query heads over 2 KV heads): fast, and exercises every code path."""
     torch.manual_seed(seed)

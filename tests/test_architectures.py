@@ -18,7 +18,7 @@ import transformers
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from conftest import model_chain, rounding_tolerance
+from conftest import logits, model_chain, rounding_tolerance
 from longctx.methods.base import AttentionMethod, MethodError, output_cache, with_cache
 from longctx.methods.longheads import LongHeads
 from longctx.methods.rope import attention_layers, rotate
@@ -106,14 +106,6 @@ def gemma() -> LoadedModel:
 
 def ids_of(length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(lm: LoadedModel, ids: torch.Tensor, method=None, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        if method is None:
-            return lm.model(ids, **kwargs).logits
-        with method(lm):
-            return lm.model(ids, **kwargs).logits
 
 
 def lh(**params) -> LongHeads:

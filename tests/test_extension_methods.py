@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import model_chain, rounding_tolerance, tiny_llama
+from conftest import logits, model_chain, rounding_tolerance, tiny_llama
 
 from longctx.methods.base import MethodError
 from longctx.methods.dca import DualChunkAttention, _Chunks, dca_attention
@@ -38,14 +38,6 @@ def lm() -> LoadedModel:
 
 def ids_of(length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(lm: LoadedModel, ids: torch.Tensor, method=None) -> torch.Tensor:
-    with torch.no_grad():
-        if method is None:
-            return lm.model(ids).logits
-        with method(lm):
-            return lm.model(ids).logits
 
 
 # --- written-out references -------------------------------------------------------------------------------------

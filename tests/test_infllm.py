@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from conftest import model_chain, rounding_tolerance, tiny_llama
+from conftest import logits, model_chain, rounding_tolerance, tiny_llama
 from longctx.methods.base import MethodError, with_cache
 from longctx.methods.infllm import InfLLM
 from longctx.methods.longheads import LongHeads
@@ -88,14 +88,6 @@ def reference_attention(lm, query, key, value, scaling, block_size, n_init, n_lo
                 out[0, h, t] = probs @ torch.cat((value[0, kv, : t + 1][local], value[0, kv, : t + 1][seen_far]))
                 credit[h, : t + 1][local] += probs[: int(local.sum())]
     return out.transpose(1, 2), None
-
-
-def logits(lm: LoadedModel, ids: torch.Tensor, method=None) -> torch.Tensor:
-    with torch.no_grad():
-        if method is None:
-            return lm.model(ids).logits
-        with method(lm):
-            return lm.model(ids).logits
 
 
 def reference_logits(lm: LoadedModel, ids: torch.Tensor, **params) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import model_chain, rounding_tolerance, tiny_llama
+from conftest import logits, model_chain, rounding_tolerance, tiny_llama
 from longctx.models import LoadedModel
 from longctx.methods.base import MethodError, with_cache
 from longctx.methods.longheads import LongHeads
@@ -71,14 +71,6 @@ def reference_attention(lm, module, query, key, value, scaling):
 @pytest.fixture
 def ids():
     return torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(1))
-
-
-def logits(lm, ids, method=None):
-    with torch.no_grad():
-        if method is None:
-            return lm.model(ids).logits
-        with method(lm):
-            return lm.model(ids).logits
 
 
 def test_within_atten_length_equals_full_attention(tiny, ids):
