@@ -9,12 +9,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import longctx.registry  # noqa: F401  registers the method and task config groups before Hydra composes
+from longctx.data.books import DataError
 from longctx.methods.base import MethodError
 from longctx.models import ModelLoadError
 from longctx.registry import RegistryError
 from longctx.tasks.base import TaskError
 
-USER_ERRORS = (MethodError, ModelLoadError, RegistryError, TaskError)
+USER_ERRORS = (DataError, MethodError, ModelLoadError, RegistryError, TaskError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -19,7 +19,7 @@ from conftest import tiny_llama
 
 from longctx import aggregate
 from longctx.data import books as books_module
-from longctx.data.books import AUSTEN_NOVELS, load_books, read_builtin, strip_gutenberg
+from longctx.data.books import AUSTEN_NOVELS, DataError, load_books, read_builtin, strip_gutenberg
 from longctx.models import LoadedModel
 from longctx.registry import build_method
 from longctx.runner import evaluate
@@ -158,7 +158,7 @@ def test_bad_book_sources_give_one_line_errors(tmp_path):
         (dict(source="library"), "unknown book source 'library'"),
     ]
     for kwargs, message in cases:
-        with pytest.raises(TaskError, match=message) as error:
+        with pytest.raises(DataError, match=message) as error:
             load_books(**kwargs)
         assert "\n" not in str(error.value)
 
@@ -168,7 +168,7 @@ def test_hub_failure_names_the_offline_route(monkeypatch):
         raise ConnectionError("Couldn't reach the Hub\nretrying...")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(TaskError, match="cannot load emozilla/pg19-test from the hub .*task.source=builtin") as error:
+    with pytest.raises(DataError, match="cannot load emozilla/pg19-test from the hub .*task.source=builtin") as error:
         load_books("hub")
     assert "\n" not in str(error.value)
 

@@ -158,6 +158,18 @@ def test_finished_run_is_skipped_and_force_reruns_it(tiny_dir, tmp_path):
     assert forced not in (first, other) and read_provenance(forced)["status"] == "finished"
 
 
+def test_finished_run_on_other_versions_is_not_reused(tiny_dir, tmp_path):
+    overrides = ["model=hf", *tiny_overrides({}, tiny_dir)]
+    _, first = run_from_config(compose_cell(overrides, tmp_path))
+    provenance = read_provenance(first)
+    provenance["versions"]["transformers"] = "4.0.0"  # as if measured on an older stack
+    (first / "provenance.json").write_text(json.dumps(provenance))
+    _, again = run_from_config(compose_cell(overrides, tmp_path))
+    assert again != first and read_provenance(again)["versions"]["transformers"] == transformers.__version__
+    _, reused = run_from_config(compose_cell(overrides, tmp_path))
+    assert reused == again  # this stack's run now answers
+
+
 class Breaks(Task):
     """A task that fails after its first sample."""
 

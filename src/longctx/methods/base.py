@@ -87,6 +87,10 @@ class AttentionMethod(Method):
         if self.rope_scaling is not None:
             self.rope_scaling.aim(length)  # a factor left to None is derived from this length
 
+    def rope_stretch(self, lm: LoadedModel) -> float:
+        """How many times the trained length the RoPE rescaling underneath makes known distances (1.0 without one)."""
+        return self.rope_scaling.stretch(lm) if self.rope_scaling is not None else 1.0
+
     @staticmethod
     def attention_function(module, query, key, value, attention_mask, **kwargs):
         raise NotImplementedError

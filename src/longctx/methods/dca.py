@@ -137,7 +137,7 @@ class DualChunkAttention(AttentionMethod):
         trained = lm.pretrained_length
         local = self.local_window if self.local_window is not None else trained // 16
         size = self.chunk_size if self.chunk_size is not None else 3 * trained // 4 - local
-        stretch = self.rope_scaling.stretch(lm) if self.rope_scaling is not None else 1.0
+        stretch = self.rope_stretch(lm)
         if size + local > trained * stretch:
             raise MethodError(
                 f"dca: chunk_size + local_window ({size} + {local}) must not exceed the trained length"

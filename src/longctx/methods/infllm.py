@@ -100,6 +100,6 @@ class InfLLM(Retrieval):
     def check_length(self, lm: LoadedModel, length: int) -> None:
         super().check_length(lm, length)
         farthest = self.largest_distance()
-        if farthest >= lm.pretrained_length * (self.rope_scaling.stretch(lm) if self.rope_scaling is not None else 1.0):
+        if farthest >= lm.pretrained_length * self.rope_stretch(lm):
             log.warning("infllm attends at distances up to %d, beyond the pretrained length %d: set n_local lower",
                         farthest, lm.pretrained_length)

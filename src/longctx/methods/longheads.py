@@ -73,7 +73,7 @@ class LongHeads(Retrieval):
 
     def check_length(self, lm: LoadedModel, length: int) -> None:
         super().check_length(lm, length)
-        rope_factor = self.rope_scaling.stretch(lm) if self.rope_scaling is not None else 1.0
+        rope_factor = self.rope_stretch(lm)
         if self.atten_length > lm.pretrained_length * rope_factor:
             log.warning(
                 "longheads atten_length %d exceeds the pretrained length %d%s: heads will see unseen distances",

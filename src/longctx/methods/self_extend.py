@@ -117,8 +117,7 @@ class SelfExtend(AttentionMethod):
 
     def trained_span(self, lm: LoadedModel) -> int:
         """The distances the model knows: its trained length, stretched by the RoPE rescaling underneath if any."""
-        stretch = self.rope_scaling.stretch(lm) if self.rope_scaling is not None else 1.0
-        return int(lm.pretrained_length * stretch)
+        return int(lm.pretrained_length * self.rope_stretch(lm))
 
     def resolved(self, lm: LoadedModel) -> _Groups:
         span = self.trained_span(lm)
