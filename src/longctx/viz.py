@@ -58,7 +58,9 @@ def loss_by_position_by_method(curves: pd.DataFrame, pretrained_length: int | No
     extends the context keeps its curve flat past the pretrained length; one that does not turns up there.
     """
     lengths = sorted(curves["length"].unique())
-    colors = {label: f"C{index}" for index, label in enumerate(sorted(curves["label"].unique()))}  # same in every panel
+    labels = sorted(curves["label"].unique())
+    palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]  # past 10 methods tab10 would repeat colours
+    colors = {label: palette(index) for index, label in enumerate(labels)}  # same in every panel
     figure = Figure(figsize=(3.6 * len(lengths) + 1.5, 3.6), layout="constrained")
     axes = figure.subplots(1, len(lengths), sharey=True, squeeze=False)[0]
     for ax, length in zip(axes, lengths):
