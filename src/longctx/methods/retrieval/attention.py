@@ -106,10 +106,11 @@ def attend_layer(method, module, query: torch.Tensor, key: torch.Tensor, value: 
 def cpu_threads(threads: int, device: torch.device):
     """Run the retrieval attention on `threads` of torch's intra-op threads on a CPU (0: leave torch's setting).
 
-    Its operations are many and mid-sized (per batch of query groups), and every parallel one hands work to the other
-    threads: on a 2-core machine that other jobs share, that hand-off takes milliseconds (measured there: a
-    200k-element multiply, 8 ms on 2 threads, 0.09 ms on 1; the SmolLM2-shaped 2-layer model's 32k prefill with
-    LongHeads, 24.0 s with the attention on 2 threads, 16.5 s on 1, its other layers on 2 in both).
+    Its operations are many and mid-sized (per batch of query groups). On an idle CPU every thread helps (SmolLM2's
+    shape with 4 layers, LongHeads' 32k prefill on 2 idle cores: 21.6 s with the attention on 1 thread, 16.2 s on
+    torch's 2; InfLLM: 27.9 and 21.7 s), so the default is torch's setting. When other jobs share a small CPU, each
+    parallel operation waits for a thread that is not running: there 1 thread is faster (the same prefill with 2
+    layers, a test suite sharing the 2 cores: 24.0 s on 2 threads, 16.5 s on 1).
     """
     if device.type != "cpu" or not threads:
         yield

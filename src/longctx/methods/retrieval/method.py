@@ -32,8 +32,8 @@ class Retrieval(AttentionMethod):
             "representative_tokens" (InfLLM; `repr_topk` tokens per block).
         sharing: who shares one selection: "head" (LongHeads), "kv_group" or "layer" (InfLLM).
         positions: where the attended blocks sit: "consecutive" slots (LongHeads) or "one_distance" (InfLLM).
-    cpu_threads: torch threads the retrieval attention runs on when the model is on a CPU (0: torch's setting; see
-        attention.cpu_threads for why one).
+    cpu_threads: torch threads the retrieval attention runs on when the model is on a CPU (0: torch's setting, the
+        default; 1 when other jobs share the CPU, see attention.cpu_threads).
     """
 
     attention_function = staticmethod(retrieval_attention)
@@ -46,7 +46,7 @@ class Retrieval(AttentionMethod):
     record_selection: bool = True
     gather_budget: int = 2**21
     kernel: str = "auto"
-    cpu_threads: int = 1
+    cpu_threads: int = 0
 
     def check_seams(self) -> None:
         """One-line errors for the shared options; sets `summary_kind`."""
