@@ -5,6 +5,8 @@
     python experiments/bench_speed.py --model llama2-7b --lengths 32768 65536 --methods full longheads:triton
     python experiments/bench_speed.py --lengths 32768 65536 --methods full longheads:torch infllm_2048:torch \
         --repeats 1 --full-max-length 32768      # the CPU kernel's goal: x2.1 per doubling, <= 0.5x full at 32k
+    python experiments/bench_speed.py --layers 4 --lengths 32768 --methods longheads:torch infllm_2048:torch \
+        --repeats 1 --profile                    # where the time goes, on 4 of the 30 layers (a few minutes on a CPU)
     python experiments/bench_speed.py --model llama2-7b --lengths 131072 --methods longheads:triton:offload --prefill-chunk 16384
 
 Models are built from their configuration with random weights: speed and memory do not depend on weight values, so
@@ -76,8 +78,9 @@ class PeakHostMemory:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, layers: int = 0) -> LoadedModel:
+    """The shape with random weights; `layers` > 0 keeps only that many layers (a quick probe of the same kernels)."""
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}, attn_implementation="sdpa")
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -86,7 +89,8 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedM
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return LoadedModel(model.eval(), None, f"{shape}-random", config.max_position_embeddings)
+    name = f"{shape}-random" + (f"-{layers}-layers" if layers else "")
+    return LoadedModel(model.eval(), None, name, config.max_position_embeddings)
 
 
 def parse_method(spec: str, lm: LoadedModel, length: int):
@@ -195,13 +199,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--out", default="results/bench/speed")
     parser.add_argument("--profile", action="store_true", help="also profile one prefill per method at the longest length")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="build the model with this many layers instead of the shape's (a quick probe; the name says so)")
     parser.add_argument("--full-max-length", type=int, default=0,
                         help="measure full attention only up to this length (its prefill is quadratic: ~15 min at 64k on 2 CPU cores)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
-    lm = build_model(args.model, device, dtype)
+    lm = build_model(args.model, device, dtype, args.layers)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'} x{torch.get_num_threads()} threads"
     rows = []
     for length in args.lengths:
