@@ -290,6 +290,21 @@ def test_composed_methods_are_labelled_apart(tmp_path):
         "dca": "1", "dca+yarn(factor=2)": "0.5", "dca+pi(factor=4)": "0.25"}
 
 
+def test_a_run_recorded_before_a_parameter_existed_is_labelled_with_its_default(tmp_path):
+    write_run(tmp_path, "2026-01-01", "longheads", "cpu", "float32", 0.25)  # before `summary` existed
+    write_run(tmp_path, "2026-01-02", "longheads", "cpu", "float32", 0.5, summary="representative_tokens")
+    write_run(tmp_path, "2026-01-03", "longheads", "cpu", "float32", 1.0, summary="in_chunk_attention")
+    # a metric only the first run has: its label must not lose the parameter that varies across the task's runs
+    first = tmp_path / "2026-01-01" / "metrics.json"
+    first.write_text(json.dumps({**json.loads(first.read_text()), "seconds@4096": 3.0}))
+    runs = aggregate.load_runs(tmp_path)
+    cells = aggregate.table(runs, "passkey", "accuracy")
+    assert dict(zip(cells.index.get_level_values("label"), cells[4096])) == {
+        "longheads summary=in_chunk_attention": "1", "longheads summary=representative_tokens": "0.5"}
+    seconds = aggregate.table(runs, "passkey", "seconds")
+    assert seconds.index.get_level_values("label").tolist() == ["longheads summary=in_chunk_attention"]
+
+
 def test_cli_composes_a_rescaling_under_an_attention_method(tiny_dir, tmp_path):
     overrides = ["model=hf", "method=dca", "method.rope_scaling={name:yarn,factor:2}", *tiny_overrides({}, tiny_dir)]
     _, run_dir = run_from_config(compose_cell(overrides, tmp_path))

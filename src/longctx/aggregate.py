@@ -55,7 +55,7 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
             "provenance": provenance.get("source", "measured" if provenance else "none"),
             "seed": config.get("seed"),
             **{f"method.{k}": _composed(v) if isinstance(v, dict) else v
-               for k, v in config["method"].items() if k != "name" and not isinstance(v, list)},
+               for k, v in _with_defaults(config["method"]).items() if k != "name" and not isinstance(v, list)},
         }
         per_length: dict[int, dict[str, float]] = {}
         for key, value in metrics.items():
@@ -92,6 +92,18 @@ def _sample_counts(predictions: Path) -> tuple[dict[int, int], dict[tuple[int, s
     return per_length, per_dataset
 
 
+def _with_defaults(method: dict) -> dict:
+    """A run's method config with today's defaults under it: a run recorded before a parameter existed ran what its
+    default means (the behaviour it was added to keep), so it is labelled and grouped with the runs that set it."""
+    from longctx.registry import METHODS, default_config
+
+    if method.get("name") not in METHODS:
+        return method
+    defaults = {key: value for key, value in default_config(method["name"], METHODS[method["name"]]).items()
+                if value != "???" and not isinstance(value, (dict, list))}
+    return {**defaults, **method}
+
+
 def _composed(config: dict) -> str:
     """A method held as a parameter (a RoPE rescaling), as a label: {"name": "yarn", "factor": 2.0} -> 'yarn(factor=2)'."""
     params = ", ".join(f"{key}={_plain(value)}" for key, value in config.items() if key != "name" and value is not None)
@@ -121,10 +133,12 @@ def _plain(value) -> str:
 def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
     """The newest run (by folder name, a timestamp) per (method label, model, device, dtype, length) that has
     `metric`; with `merge_machines` per (label, length) wherever it ran."""
-    selected = runs[(runs.task == task) & runs[metric].notna()]
+    selected = runs[runs.task == task]
     if seed is not None:
         selected = selected[selected.seed == seed]
+    # Labels come from all of the task's runs, so one configuration has one label in every metric's table.
     selected = selected.assign(label=label_methods(selected), stamp=selected["run"].map(lambda run: Path(run).name))
+    selected = selected[selected[metric].notna()]
     keys = ["label", "length"] if merge_machines else ["label", *MACHINE, "length"]
     return selected.sort_values("stamp").groupby(keys).last()
 
