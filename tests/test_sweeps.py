@@ -374,3 +374,26 @@ def test_per_dataset_cells_count_that_datasets_answers(tmp_path):
     assert aggregate.table(runs, "longbench", "qa").loc["full", 8192] == "50 (2)"
     assert aggregate.table(runs, "longbench", "count").loc["full", 8192] == "0 (1)"
     assert aggregate.table(runs, "longbench", "average").loc["full", 8192] == "25 (3)"
+
+
+def test_average_is_over_the_newest_score_of_each_dataset_across_runs(tmp_path):
+    """A later run that scored one RULER task must not stand, with its own one-task average, for the earlier run's."""
+    config = {"model": {"name": "m", "dtype": "auto", "device": "auto"}, "method": {"name": "full"},
+              "task": {"name": "ruler", "lengths": [4096]}, "seed": 0}
+    runs_scored = {"2026-01-01": [("niah_single_1", 100.0), ("niah_single_1", 100.0), ("vt", 0.0)],
+                   "2026-01-02": [("niah_single_1", 50.0), ("niah_single_1", 50.0)]}
+    for stamp, answers in runs_scored.items():
+        run_dir = tmp_path / stamp
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+        per_task = {task: [score for name, score in answers if name == task] for task, _ in answers}
+        means = {f"{task}@4096": sum(scores) / len(scores) for task, scores in per_task.items()}
+        average = sum(means.values()) / len(means)
+        (run_dir / "metrics.json").write_text(json.dumps({**means, "average@4096": average}))
+        (run_dir / "predictions.jsonl").write_text("".join(
+            json.dumps({"length": 4096, "dataset": task, "score": score}) + "\n" for task, score in answers))
+    runs = aggregate.load_runs(tmp_path)
+    # niah_single_1 from the newer run (50, 2 samples), vt from the older (0, 1 sample): the newer run alone says 50
+    assert aggregate.table(runs, "ruler", "average").loc["full", 4096] == "25 (3)"
+    assert aggregate.table(runs, "ruler", "niah_single_1").loc["full", 4096] == "50 (2)"
+    assert aggregate.effective_lengths(runs, threshold=30.0).loc[("full", "m", "unknown", "auto")] == 0  # 25 < 30

@@ -132,15 +132,34 @@ def _plain(value) -> str:
 
 def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
     """The newest run (by folder name, a timestamp) per (method label, model, device, dtype, length) that has
-    `metric`; with `merge_machines` per (label, length) wherever it ran."""
+    `metric`; with `merge_machines` per (label, length) wherever it ran. A task's `average` over per-dataset scores
+    (RULER's tasks, LongBench's datasets) is the mean of each dataset's newest score, so runs that scored different
+    subsets combine, instead of the newest run's own average standing for all of them."""
     selected = runs[runs.task == task]
     if seed is not None:
         selected = selected[selected.seed == seed]
     # Labels come from all of the task's runs, so one configuration has one label in every metric's table.
     selected = selected.assign(label=label_methods(selected), stamp=selected["run"].map(lambda run: Path(run).name))
-    selected = selected[selected[metric].notna()]
+    ordered = selected.sort_values("stamp")
     keys = ["label", "length"] if merge_machines else ["label", *MACHINE, "length"]
-    return selected.sort_values("stamp").groupby(keys).last()
+    datasets = _datasets(selected, task) if metric == "average" else []
+    if datasets:
+        return _average_of_newest(ordered, datasets, keys)
+    return ordered[ordered[metric].notna()].groupby(keys).last()
+
+
+def _average_of_newest(ordered: pd.DataFrame, datasets: list[str], keys: list[str]) -> pd.DataFrame:
+    newest = {dataset: ordered[ordered[dataset].notna()].groupby(keys).last() for dataset in datasets}
+    scores = pd.concat({dataset: frame[dataset] for dataset, frame in newest.items()}, axis=1)
+    counts = pd.concat({dataset: frame[f"n.{dataset}"] for dataset, frame in newest.items()}, axis=1)
+    rows = ordered[ordered["average"].notna()].groupby(keys).last().reindex(scores.index)
+    return rows.assign(average=scores.mean(axis=1), **{"n.average": counts.sum(axis=1)})
+
+
+def _datasets(runs: pd.DataFrame, task: str) -> list[str]:
+    """The datasets (RULER's tasks, LongBench's datasets) that `task`'s runs score one by one."""
+    counted = [column.removeprefix("n.") for column in runs.columns if column.startswith("n.")]
+    return [name for name in counted if name in runs.columns and runs.loc[runs.task == task, name].notna().any()]
 
 
 def table(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, merge_machines: bool = False) -> pd.DataFrame:
@@ -175,8 +194,7 @@ def effective_lengths(runs: pd.DataFrame, task: str = "ruler", metric: str = "av
 def dataset_table(runs: pd.DataFrame, task: str, seed: int | None = None) -> pd.DataFrame:
     """Per-dataset scores (LongBench's datasets, RULER's tasks): rows (method label, model, device, dtype, dataset),
     columns lengths, each cell the newest run that scored that dataset at that length, its sample count in brackets."""
-    counted = [column.removeprefix("n.") for column in runs.columns if column.startswith("n.")]
-    datasets = [name for name in counted if name in runs.columns and runs.loc[runs.task == task, name].notna().any()]
+    datasets = _datasets(runs, task)
     if not datasets:
         raise SystemExit(f"error: no per-dataset scores for task {task} in these runs")
     frames = [table(runs, task, dataset, seed).reset_index().assign(dataset=dataset) for dataset in datasets]
