@@ -1,8 +1,10 @@
 """One folder per run (config, provenance, predictions, metrics, tables, figures) mirrored to a wandb run.
 
 A run folder says where its numbers came from: `provenance.json` holds the resolved device and dtype, the GPU, the
-package versions, the git commit (and whether the tree was dirty), the command line, start and end time, and the
-status (`running`, `finished`, or `failed` with the error). It is written when the run starts and rewritten when it
+CPU model and torch's thread count, the package versions, the git commit (and whether the tree was dirty), the
+command line, start and end time, how busy the machine was besides the run (`load`: the load average and the other
+busy processes at start and end, and the cores other processes used on average while the run ran), and the status
+(`running`, `finished`, or `failed` with the error). It is written when the run starts and rewritten when it
 ends; `metrics.json` appears only at the end of a finished run (written whole, then renamed), so a killed run leaves
 a folder whose status stays `running`, never a metrics file that looks finished.
 """
@@ -17,6 +19,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import psutil
 import torch
 
 log = logging.getLogger(__name__)
@@ -82,13 +86,91 @@ def result_versions(device: torch.device) -> dict[str, str | None]:
     }
 
 
+# Sampling window of `busy_processes`: long enough for a busy process to accumulate clock ticks (10 ms each), short
+# enough to add little to a run (it is taken at the start and at the end).
+BUSY_WINDOW_S = 0.1
+# A process counts as busy when it kept at least this share of one core over the window.
+BUSY_SHARE = 0.5
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform reports), or None when it says nothing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _process_tree(pid: int) -> set[int]:
+    """`pid` and its descendants: the run's own processes (RULER's data generator, a DataLoader worker...)."""
+    try:
+        return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return {pid}
+
+
+def _cpu_seconds_by_process() -> dict[int, float]:
+    seconds = {}
+    for process in psutil.process_iter():
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # gone, or not ours to read
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def busy_processes(window: float = BUSY_WINDOW_S) -> list[int]:
+    """Processes other than this one and its descendants that kept at least BUSY_SHARE of a core busy over
+    `window` seconds: the jobs that would slow a timing down."""
+    own = _process_tree(os.getpid())
+    before = _cpu_seconds_by_process()
+    time.sleep(window)
+    after = _cpu_seconds_by_process()
+    return sorted(pid for pid, seconds in after.items()
+                  if pid not in own and pid in before and seconds - before[pid] >= BUSY_SHARE * window)
+
+
+def machine_load() -> dict[str, Any]:
+    """How busy the machine is now besides this process: load average (1, 5, 15 minutes) and busy processes."""
+    return {"loadavg": [round(value, 2) for value in psutil.getloadavg()], "busy_processes": len(busy_processes())}
+
+
+def cpu_counters() -> dict[str, float]:
+    """Seconds of CPU the whole machine and this process (its threads and waited-for children) have used so far, and
+    the wall clock: two readings give the cores other processes used in between (`others_cpu_cores`)."""
+    machine = psutil.cpu_times()._asdict()
+    # not busy here: idle, waiting for I/O, taken by the hypervisor; guest time is already counted in user time
+    busy = sum(seconds for field, seconds in machine.items()
+               if field not in ("idle", "iowait", "steal", "guest", "guest_nice"))
+    own = psutil.Process().cpu_times()
+    return {"machine": busy, "own": own.user + own.system + own.children_user + own.children_system,
+            "wall": time.monotonic()}
+
+
+def others_cpu_cores(start: dict[str, float], end: dict[str, float]) -> float | None:
+    """Cores that processes other than this one kept busy on average between two `cpu_counters` readings."""
+    wall = end["wall"] - start["wall"]
+    if wall <= 0:
+        return None
+    others = (end["machine"] - start["machine"]) - (end["own"] - start["own"])
+    return round(max(others, 0.0) / wall, 2)
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The machine and software a run measured on: what `aggregate` keys tables on."""
+    """The machine and software a run measured on: what `aggregate` keys tables on, and how loaded the machine was
+    when it started (`load.start`; the recorder adds `load.end` and `load.others_cpu_cores` when the run ends)."""
     return {
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "load": {"start": machine_load()},
         "host": platform.node(),
         "pid": os.getpid(),
         "source": "measured",
@@ -159,6 +241,7 @@ class RunRecorder:
         self.provenance = {"status": "running", "error": None, "started": _now(), "ended": None,
                            **provenance}
         self.provenance["config_hash"] = config_hash(config, provenance["device"], provenance["dtype"])
+        self._cpu_at_start = cpu_counters()
         write_json(self.out_dir / PROVENANCE_FILE, self.provenance)
         self._predictions = (self.out_dir / "predictions.jsonl").open("w")
         self._rows: list[dict[str, Any]] = []
@@ -225,6 +308,9 @@ class RunRecorder:
 
     def _end(self, status: str, error: str | None) -> None:
         self.provenance.update(status=status, error=error, ended=_now())
+        if "load" in self.provenance:  # a provenance given by the caller without a load record stays without one
+            self.provenance["load"] = {**self.provenance["load"], "end": machine_load(),
+                                       "others_cpu_cores": others_cpu_cores(self._cpu_at_start, cpu_counters())}
         write_json(self.out_dir / PROVENANCE_FILE, self.provenance)
 
 
