@@ -16,7 +16,8 @@ KERNEL: triton, torch, reference; offload keeps the KV cache in host memory).
 Prefill is timed over the whole prompt (in pieces of --prefill-chunk tokens if given), decoding over --decode-tokens
 single-token steps after it; each figure is the median of --repeats runs after one warm-up. Peak device memory is
 torch's allocator peak; peak host memory is the process's resident set, sampled every 10 ms.
-Writes <out>/speed.csv and <out>/speed.md and prints the Markdown, with these ratios: each method against full
+Writes <out>/speed.csv, <out>/speed.md and <out>/provenance.json (machine, versions, the machine's load at start and
+end and the cores other processes used meanwhile, as a run folder's) and prints the Markdown, with these ratios: each method against full
 attention at the same length, triton against torch, and time(2N) / time(N).
 """
 
@@ -40,6 +41,7 @@ from omegaconf import OmegaConf
 from longctx.methods.base import with_cache
 from longctx.models import LoadedModel
 from longctx.registry import build_method
+from longctx.tracking import cpu_counters, environment, load_since, write_json
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "method"
 RETRIEVAL = ("longheads", "infllm")
@@ -208,6 +210,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     lm = build_model(args.model, device, dtype, args.layers)
+    provenance, cpu_at_start = environment(device, dtype), cpu_counters()  # the machine and its load, as a run's
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'CPU'} x{torch.get_num_threads()} threads"
     rows = []
     for length in args.lengths:
@@ -226,6 +229,8 @@ def main() -> None:
     frame = with_ratios(pd.DataFrame(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    provenance["load"] |= load_since(cpu_at_start)
+    write_json(out / "provenance.json", {"status": "finished", **provenance})
     frame.to_csv(out / "speed.csv", index=False)
     columns = ["model", "method", "length", "prefill_s", "prefill_tok_s", "decode_tok_s", "peak_device_gib",
                "peak_host_gib", "prefill_vs_full", "decode_vs_full", "prefill_triton_vs_torch", "prefill_x_per_doubling"]

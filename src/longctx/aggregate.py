@@ -62,7 +62,7 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
             if "@" in key:
                 metric, length = key.split("@", 1)
                 per_length.setdefault(int(length), {})[metric] = value
-        samples, per_dataset = _sample_counts(run_dir / "predictions.jsonl")
+        samples, per_dataset = _sample_counts(run_dir)
         for length, values in per_length.items():
             dataset_counts = {f"n.{dataset}": count for (at, dataset), count in per_dataset.items() if at == length}
             rows.append({**base, "length": length, "n": samples.get(length, values.get("segments")), **dataset_counts, **values})
@@ -81,10 +81,16 @@ def incomplete_runs(*roots: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "status", "error"])
 
 
-def _sample_counts(predictions: Path) -> tuple[dict[int, int], dict[tuple[int, str], int]]:
+def predictions(run_dir: str | Path) -> pd.DataFrame:
+    """A run folder's predictions.jsonl, one row per sample (empty when the run wrote none)."""
+    path = Path(run_dir) / "predictions.jsonl"
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                        if path.exists() else [])
+
+
+def _sample_counts(run_dir: Path) -> tuple[dict[int, int], dict[tuple[int, str], int]]:
     """Predictions per length, and per (length, dataset) for tasks whose metrics are per dataset (LongBench)."""
-    records = pd.DataFrame([json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
-                           if predictions.exists() else [])
+    records = predictions(run_dir)
     if records.empty:
         return {}, {}
     per_length = records["length"].astype("int64").value_counts().to_dict()
@@ -142,7 +148,7 @@ def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, 
     selected = selected.assign(label=label_methods(selected), stamp=selected["run"].map(lambda run: Path(run).name))
     ordered = selected.sort_values("stamp")
     keys = ["label", "length"] if merge_machines else ["label", *MACHINE, "length"]
-    datasets = _datasets(selected, task) if metric == "average" else []
+    datasets = scored_datasets(selected, task) if metric == "average" else []
     if datasets:
         return _average_of_newest(ordered, datasets, keys)
     return ordered[ordered[metric].notna()].groupby(keys).last()
@@ -156,7 +162,7 @@ def _average_of_newest(ordered: pd.DataFrame, datasets: list[str], keys: list[st
     return rows.assign(average=scores.mean(axis=1), **{"n.average": counts.sum(axis=1)})
 
 
-def _datasets(runs: pd.DataFrame, task: str) -> list[str]:
+def scored_datasets(runs: pd.DataFrame, task: str) -> list[str]:
     """The datasets (RULER's tasks, LongBench's datasets) that `task`'s runs score one by one."""
     counted = [column.removeprefix("n.") for column in runs.columns if column.startswith("n.")]
     return [name for name in counted if name in runs.columns and runs.loc[runs.task == task, name].notna().any()]
@@ -194,7 +200,7 @@ def effective_lengths(runs: pd.DataFrame, task: str = "ruler", metric: str = "av
 def dataset_table(runs: pd.DataFrame, task: str, seed: int | None = None) -> pd.DataFrame:
     """Per-dataset scores (LongBench's datasets, RULER's tasks): rows (method label, model, device, dtype, dataset),
     columns lengths, each cell the newest run that scored that dataset at that length, its sample count in brackets."""
-    datasets = _datasets(runs, task)
+    datasets = scored_datasets(runs, task)
     if not datasets:
         raise SystemExit(f"error: no per-dataset scores for task {task} in these runs")
     frames = [table(runs, task, dataset, seed).reset_index().assign(dataset=dataset) for dataset in datasets]

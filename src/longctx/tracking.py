@@ -160,6 +160,12 @@ def others_cpu_cores(start: dict[str, float], end: dict[str, float]) -> float | 
     return round(max(others, 0.0) / wall, 2)
 
 
+def load_since(start: dict[str, float]) -> dict[str, Any]:
+    """The end of a load record: the machine's load now, and the cores other processes used since `start`
+    (a `cpu_counters` reading)."""
+    return {"end": machine_load(), "others_cpu_cores": others_cpu_cores(start, cpu_counters())}
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The machine and software a run measured on: what `aggregate` keys tables on, and how loaded the machine was
     when it started (`load.start`; the recorder adds `load.end` and `load.others_cpu_cores` when the run ends)."""
@@ -309,8 +315,7 @@ class RunRecorder:
     def _end(self, status: str, error: str | None) -> None:
         self.provenance.update(status=status, error=error, ended=_now())
         if "load" in self.provenance:  # a provenance given by the caller without a load record stays without one
-            self.provenance["load"] = {**self.provenance["load"], "end": machine_load(),
-                                       "others_cpu_cores": others_cpu_cores(self._cpu_at_start, cpu_counters())}
+            self.provenance["load"] = {**self.provenance["load"], **load_since(self._cpu_at_start)}
         write_json(self.out_dir / PROVENANCE_FILE, self.provenance)
 
 

@@ -74,3 +74,85 @@ def loss_by_position_by_method(curves: pd.DataFrame, pretrained_length: int | No
     handles = [Line2D([], [], color=color, marker=".", label=label) for label, color in colors.items()]
     figure.legend(handles=handles, loc="outside right upper")
     return figure
+
+
+def _palette(lines: list[str]) -> dict[str, tuple]:
+    """One colour per line, the same in every panel (tab20 past 10 lines, where tab10 would repeat colours)."""
+    palette = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"]
+    return {line: palette(index % palette.N) for index, line in enumerate(lines)}
+
+
+def _length_axis(ax, lengths, pretrained_length: int | None) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{length // 1024}k" if length >= 1024 else str(length) for length in lengths])
+    ax.minorticks_off()
+    if pretrained_length:
+        ax.axvline(pretrained_length, color="grey", linestyle=":")
+    ax.set_xlabel("context length (tokens)")
+
+
+def _lines_with_intervals(ax, points: pd.DataFrame, colors: dict[str, tuple]) -> None:
+    for line, group in points.groupby("line", sort=True):
+        group = group.sort_values("length")
+        below = (group["value"] - group["low"]).clip(lower=0).fillna(0)
+        above = (group["high"] - group["value"]).clip(lower=0).fillna(0)
+        ax.errorbar(group["length"], group["value"], yerr=[below, above], marker="o", markersize=4, capsize=3,
+                    color=colors[line], label=line)
+
+
+def score_by_length(points: pd.DataFrame, ylabel: str, pretrained_length: int | None = None,
+                    logy: bool = False) -> Figure:
+    """A metric against context length, one line per method, its 95% interval as error bars. `points` has columns
+    line, length, value, low, high (`longctx.report`); a dotted line marks the pretrained length."""
+    lines = sorted(points["line"].unique())
+    figure = Figure(figsize=(7.5, 4.0), layout="constrained")
+    ax = figure.subplots()
+    _lines_with_intervals(ax, points, _palette(lines))
+    _length_axis(ax, sorted(points["length"].unique()), pretrained_length)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    figure.legend(loc="outside right upper", fontsize=7)
+    return figure
+
+
+def score_by_length_per_panel(points: pd.DataFrame, ylabel: str, pretrained_length: int | None = None) -> Figure:
+    """`score_by_length` with one panel per value of `points.panel` (RULER's tasks, LongBench's datasets)."""
+    panels = list(dict.fromkeys(points["panel"]))
+    lines = sorted(points["line"].unique())
+    colors = _palette(lines)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(3.4 * columns + 2.5, 2.8 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    lengths = sorted(points["length"].unique())
+    for ax, panel in zip(axes, panels):
+        _lines_with_intervals(ax, points[points["panel"] == panel], colors)
+        _length_axis(ax, lengths, pretrained_length)
+        ax.set_title(panel, fontsize=9)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[::columns]:
+        ax.set_ylabel(ylabel)
+    handles = [Line2D([], [], color=color, marker="o", label=line) for line, color in colors.items()]
+    figure.legend(handles=handles, loc="outside right upper", fontsize=7)
+    return figure
+
+
+def prefill_by_length(points: pd.DataFrame, slopes: pd.DataFrame) -> Figure:
+    """Prefill seconds against length on log-log axes, one line per method, its fitted slope in the legend (1: linear
+    cost, 2: quadratic). `points`: line, length, prefill_s; `slopes`: line, slope."""
+    lines = sorted(points["line"].unique())
+    colors = _palette(lines)
+    slope = dict(zip(slopes["line"], slopes["slope"]))
+    figure = Figure(figsize=(7.5, 4.0), layout="constrained")
+    ax = figure.subplots()
+    for line, group in points.groupby("line", sort=True):
+        group = group.sort_values("length")
+        label = f"{line} (slope {slope[line]:.2f})" if line in slope else line
+        ax.plot(group["length"], group["prefill_s"], marker="o", color=colors[line], label=label)
+    _length_axis(ax, sorted(points["length"].unique()), None)
+    ax.set_yscale("log")
+    ax.set_ylabel("prefill (s)")
+    figure.legend(loc="outside right upper", fontsize=7)
+    return figure
