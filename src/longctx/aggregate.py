@@ -144,8 +144,10 @@ def latest(runs: pd.DataFrame, task: str, metric: str, seed: int | None = None, 
     selected = runs[runs.task == task]
     if seed is not None:
         selected = selected[selected.seed == seed]
-    # Labels come from all of the task's runs, so one configuration has one label in every metric's table.
-    selected = selected.assign(label=label_methods(selected), stamp=selected["run"].map(lambda run: Path(run).name))
+    # Labels come from all of the task's runs (or the caller's `label` column, from a wider set of runs), so one
+    # configuration has one label in every metric's table.
+    labels = selected["label"] if "label" in selected else label_methods(selected)
+    selected = selected.assign(label=labels, stamp=selected["run"].map(lambda run: Path(run).name))
     ordered = selected.sort_values("stamp")
     keys = ["label", "length"] if merge_machines else ["label", *MACHINE, "length"]
     datasets = scored_datasets(selected, task) if metric == "average" else []

@@ -57,7 +57,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from longctx.aggregate import MACHINE, latest, load_curves, load_runs, predictions, scored_datasets
+from longctx.aggregate import MACHINE, label_methods, latest, load_curves, load_runs, predictions, scored_datasets
 from longctx.tracking import read_provenance
 
 CONF = Path("conf")
@@ -109,13 +109,17 @@ class Selection:
 
 
 def narrow(runs: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
-    """Rows whose column equals the value (or is one of the list) for every `where` entry."""
+    """Rows whose column equals the value (or is one of the list; null matches a missing value) for every `where`
+    entry."""
     for column, wanted in where.items():
         if column not in runs:
             raise ReportError(f"where: no column {column!r} in these runs (columns: task, method, model, device, "
                               f"dtype, seed, length, method.<parameter>)")
         values = wanted if isinstance(wanted, list) else [wanted]
-        runs = runs[runs[column].isin(values)]
+        kept = runs[column].isin([value for value in values if value is not None])
+        if None in values:  # null: runs that do not have the column's parameter (another method's rows)
+            kept |= runs[column].isna()
+        runs = runs[kept]
     return runs
 
 
@@ -219,6 +223,25 @@ def cells(runs: pd.DataFrame, task: str, metric: str) -> list[Cell]:
     return [Cell(row["label"], row["model"], row["device"], row["dtype"], int(row["length"]), float(row[metric]),
                  [(row["run"], _samples(row["run"], int(row["length"]), metric if kind == "score" else None))], kind)
             for _, row in chosen.iterrows()]
+
+
+def every_run_cells(runs: pd.DataFrame, task: str, metric: str) -> list[Cell]:
+    """Like `cells`, but one cell per run that measured `metric` (not only the newest per method, machine and
+    length): what a timing looked like in each run of the same configuration."""
+    task_runs = runs[runs["task"] == task]
+    if task_runs.empty or metric not in task_runs or task_runs[metric].isna().all():
+        raise ReportError(f"no {task} runs with metric {metric!r} in this selection")
+    datasets = scored_datasets(task_runs, task)
+    kind = ("accuracy" if metric == "accuracy" else "ppl" if metric == "ppl" else "score" if metric in datasets
+            else "average" if metric == "average" and datasets else "other")
+    labelled = task_runs if "label" in task_runs else task_runs.assign(label=label_methods(task_runs))
+    found = []
+    for _, row in labelled[labelled[metric].notna()].sort_values(["label", *MACHINE, "length", "run"]).iterrows():
+        samples = _samples(row["run"], int(row["length"]), metric if kind == "score" else None)
+        found.append(Cell(row["label"], row["model"], row["device"], row["dtype"], int(row["length"]),
+                          float(row[metric]), [(row["run"], samples)], kind,
+                          None if kind != "average" else np.array([])))
+    return found
 
 
 def _averages(runs: pd.DataFrame, task: str, datasets: list[str]) -> list[Cell]:
@@ -338,8 +361,9 @@ def _number(value: float, digits: int = 3) -> str:
         return "-"
     if value == 0:
         return "0"
-    decimals = max(digits - 1 - int(np.floor(np.log10(abs(value)))), 0)
-    return f"{value:.{decimals}f}"
+    rounded = float(f"{value:.{digits}g}")  # 99.96 -> 100: the decimals follow the rounded value
+    decimals = max(digits - 1 - int(np.floor(np.log10(abs(rounded)))), 0)
+    return f"{rounded:.{decimals}f}"
 
 
 def cell_text(cell: Cell) -> str:
@@ -462,9 +486,13 @@ class Renderer:
 
     def __init__(self, template: Template, out: Path, link_base: Path) -> None:
         self.template, self.out, self.link_base = template, out, link_base
-        self.runs = template.selection.apply(_all_runs(template.selection.roots))
+        runs = template.selection.apply(_all_runs(template.selection.roots))
+        # one label per configuration in the whole report: the parameters that vary across its runs of a task
+        self.runs = runs.assign(label=pd.concat([label_methods(group) for _, group in runs.groupby("task")])
+                                if not runs.empty else pd.Series(dtype=str))
         self.used: dict[str, None] = {}  # run folders behind any cell, in order of first use
         self.benches: dict[str, None] = {}
+        self.files: dict[str, None] = {}  # files quoted by excerpt blocks
 
     def link(self, path: str | Path) -> str:
         return Path(os.path.relpath(Path(path), self.link_base)).as_posix()
@@ -481,10 +509,12 @@ class Renderer:
     def block(self, options: dict[str, Any]) -> str:
         options = dict(options)
         runs = narrow(self.runs, options.pop("where", {}) or {})
+        for unwanted in options.pop("drop", []) or []:  # each a conjunction: rows matching all of it go
+            runs = runs.drop(narrow(runs, unwanted).index)
         if "table" in options:
             kind = options.pop("table")
             handlers = {"metric": self.metric, "datasets": self.datasets, "seconds": self.seconds,
-                        "books": self.books, "samples": self.samples, "speed": self.speed}
+                        "books": self.books, "samples": self.samples, "speed": self.speed, "excerpt": self.excerpt}
         else:
             kind = options.pop("figure")
             handlers = {"by_length": self.by_length_figure, "datasets": self.datasets_figure,
@@ -533,10 +563,16 @@ class Renderer:
         wide = wide.reset_index().drop(columns="order").rename(columns={"label": "method"})
         return f"{markdown(wide)}\n\n{' '.join(filter(None, [LEGENDS['score'], fixed]))}\n"
 
-    def seconds(self, runs, metric: str, task: str | None = None) -> str:
+    def seconds(self, runs, metric: str, task: str | None = None, every_run: bool = False) -> str:
+        """Median seconds per sample of each cell of `metric`'s table, with its machine and load; `every_run`: one
+        row per run of each configuration, the older runs the table does not show included."""
         rows = []
-        found = self._cells(runs, task, metric)
-        keys, _ = _row_keys(found)
+        if every_run:
+            found = every_run_cells(runs, self._task(runs, task), metric)
+            self.used.update(dict.fromkeys(run for cell in found for run in cell.runs))
+        else:
+            found = self._cells(runs, task, metric)
+        keys, fixed = _row_keys(found)
         for cell in found:
             samples = cell.samples
             timed = samples["seconds"].dropna() if "seconds" in samples else pd.Series(dtype=float)
@@ -546,37 +582,81 @@ class Renderer:
             loads = sorted({load(provenance) for provenance in provenances})
             rows.append({
                 "method": cell.label, **{key: getattr(cell, key) for key in keys[1:]}, "length": length_name(cell.length),
+                **({"run": Path(cell.runs[0]).name} if every_run else {}),
                 "s / sample (median)": _number(timed.median()) if len(timed) else "-",
                 "samples": len(timed),
                 "peak GiB": f"{samples[memory].max():.2f} ({'GPU' if memory == 'peak_gpu_gib' else 'RSS'})" if memory else "-",
-                "machine": "; ".join(sorted({f"{machine(p)}, {cell.dtype}" for p in provenances})),
+                "machine": "; ".join(sorted({machine(p) for p in provenances})),
                 "load": "; ".join(loads),
             })
         legend = ("Seconds per sample, the median over the cell's samples (passkey and RULER: prefill and generation; "
                   "PG19: one segment's forward). load: `shared` when other processes kept at least "
                   f"{SHARED_CORES:g} core busy on average during the run (provenance.json), so its seconds are slower "
                   "than the machine's; `load not recorded` for runs from before provenance recorded it.")
-        return f"{markdown(pd.DataFrame(rows))}\n\n{legend}\n"
+        return f"{markdown(pd.DataFrame(rows))}\n\n{' '.join(filter(None, [legend, fixed]))}\n"
 
     def books(self, runs, length: int, task: str = "pg19") -> str:
-        rows = []
-        for cell in self._cells(runs, task, "ppl"):
-            if cell.length == length:
-                rows.append({"method": cell.label, **book_perplexities(cell).round(2).to_dict()})
-        if not rows:
+        found = [cell for cell in self._cells(runs, task, "ppl") if cell.length == length]
+        if not found:
             raise ReportError(f"no {task} cells at length {length}")
+        keys, _ = _row_keys(found)
+        rows = [{"method": cell.label, **{key: getattr(cell, key) for key in keys[1:]},
+                 **book_perplexities(cell).map(lambda value: f"{value:.2f}").to_dict()} for cell in found]
         return f"{markdown(pd.DataFrame(rows).fillna(''))}\n\nPerplexity per book at {length_name(length)} tokens.\n"
 
-    def samples(self, runs, metric: str, columns: list[str], task: str | None = None) -> str:
+    def samples(self, runs, metric: str, columns: list[str | dict[str, str]], task: str | None = None,
+                query: str | None = None, by_method: str | None = None) -> str:
+        """The cells' samples, one row each: `columns` names prediction fields, or {name: expression} computed from
+        them (pandas eval, e.g. {from_end: prompt_tokens - needle_token}); `query` keeps some (pandas query);
+        `by_method: <field>` puts the methods side by side, one column each holding that field, one row per sample
+        (the samples that `columns` identify, which must be the same for every method)."""
         frames = []
         for cell in self._cells(runs, task, metric):
             samples = cell.samples
-            missing = [column for column in columns if column not in samples]
-            if missing:
-                raise ReportError(f"samples: no column {missing} in {cell.runs} (has {sorted(samples.columns)})")
-            frames.append(samples[columns].assign(method=cell.label))
-        frame = pd.concat(frames, ignore_index=True)[["method", *columns]]
-        return markdown(frame) + "\n"
+            if samples.empty:
+                continue
+            names = []
+            for column in columns:
+                if isinstance(column, dict):
+                    (name, expression), = column.items()
+                    samples = samples.assign(**{name: samples.eval(expression)})
+                    column = name
+                if column not in samples:
+                    raise ReportError(f"samples: no column {column!r} in {cell.runs} (has {sorted(samples.columns)})")
+                names.append(column)
+            if query:
+                samples = samples.query(query)
+            kept = [*names, *([by_method] if by_method and by_method not in names else [])]
+            frames.append(samples[kept].assign(method=cell.label, length=length_name(cell.length)))
+        if not frames or all(frame.empty for frame in frames):
+            return "(no samples match)\n"
+        frame = pd.concat([frame for frame in frames if not frame.empty], ignore_index=True)
+        if by_method:
+            index = [*(["length"] if "length" not in names else []), *names]
+            frame = frame.pivot_table(index=index, columns="method", values=by_method, aggfunc="first", sort=True)
+            frame = frame.reset_index()
+            frame.columns.name = None
+            return markdown(frame.map(lambda value: _number(value) if isinstance(value, float) else value)) + "\n"
+        for column in frame.columns:
+            if pd.api.types.is_float_dtype(frame[column]):
+                frame[column] = frame[column].map(_number)
+            elif frame[column].dtype == object:
+                frame[column] = frame[column].map(lambda value: _escape(value, 60))
+        ordered = ["method", *(["length"] if "length" not in names else []), *names]
+        return markdown(frame[ordered]) + "\n"
+
+    def excerpt(self, runs, file: str, lines: str | None = None) -> str:
+        """Lines `lines` ("first-last", 1-based) of a file kept beside the runs (a profile, an older benchmark's
+        CSV), verbatim in a code block."""
+        path = Path(file)
+        if not path.is_file():
+            raise ReportError(f"excerpt: no file {file}")
+        text = path.read_text().splitlines()
+        if lines:
+            first, last = (int(part) for part in str(lines).split("-"))
+            text = text[first - 1:last]
+        self.files.update({path.as_posix(): None})
+        return f"`{path.as_posix()}`{f' (lines {lines})' if lines else ''}:\n\n```\n" + "\n".join(text) + "\n```\n"
 
     def speed(self, runs, bench: list[str], columns: list[str] | None = None) -> str:
         frame = self._speed(bench)
@@ -701,6 +781,8 @@ class Renderer:
         if self.benches:
             lines += ["Benchmark folders (`experiments/bench_speed.py`): "
                       + ", ".join(f"[{folder}]({self.link(folder)})" for folder in self.benches), ""]
+        if self.files:
+            lines += ["Files quoted: " + ", ".join(f"[{path}]({self.link(path)})" for path in self.files), ""]
         if self.template.selection.exclude:
             lines += ["Left out:", ""] + [f"* `{run}`: {why}" for run, why in self.template.selection.exclude.items()]
         return "\n".join(lines).rstrip("\n") + "\n"
