@@ -210,7 +210,6 @@ def project(tmp_path, monkeypatch):
 
     pd.DataFrame(rows).to_csv(results / "bench" / "speed.csv", index=False)
     monkeypatch.chdir(tmp_path)
-    report._all_runs.cache_clear()
     return tmp_path
 
 
@@ -243,8 +242,6 @@ def test_check_passes_on_a_fresh_report_and_names_what_changed(project, capsys):
     lines[-1] = lines[-1].replace('"correct": false', '"correct": true')
     (run_dir / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps({"accuracy@4096": 1.0, "seconds@4096": 2.0}))
-    report._all_runs.cache_clear()
-    report._predictions.cache_clear()
     with pytest.raises(SystemExit, match="differences"):
         report.main(["--check"])
     err = capsys.readouterr().err
@@ -265,3 +262,49 @@ def test_bad_templates_fail_with_one_line_naming_the_fix(project):
         report.main(["bad"])
     with pytest.raises(SystemExit, match="no report template"):
         report.main(["missing"])
+
+
+BLOCKS = """---
+title: Blocks
+exclude: {results/passkey/full/2026-01-03: a canary check}
+---
+```report
+table: samples
+metric: accuracy
+where: {length: 4096}
+drop: [{method: window}]
+columns: [depth, {doubled: depth * 2}]
+by_method: correct
+```
+
+```report
+table: seconds
+metric: accuracy
+where: {method.window_size: [64, null]}
+every_run: true
+```
+
+```report
+table: excerpt
+file: results/notes.txt
+lines: 2-3
+```
+"""
+
+
+def test_blocks_pivot_drop_narrow_every_run_and_quote(project):
+    results = project / "results"
+    passkey(results, "2026-02-01", "window", [True, False], window_size=64)
+    passkey(results, "2026-02-02", "window", [False, False], window_size=128)
+    (results / "notes.txt").write_text("one\ntwo\nthree\nfour\n")
+    (project / "conf" / "report" / "blocks.md").write_text(BLOCKS)
+    report.main(["blocks"])
+    text = (results / "reports" / "blocks.md").read_text()
+    # one row per sample, one column per method (the window dropped), from the run the report keeps
+    assert "| length | depth | doubled | full |\n|---|---|---|---|\n| 4k | 0 | 0 | True |" in text
+    assert "| 4k | 0.800 | 1.60 | False |" in text and "window" not in text.split("| method |")[0]
+    # every run of each configuration, the w=64 window (null keeps methods without the parameter), not w=128
+    seconds = text.split("| method |")[1].split("## Run folders")[0]
+    assert "| full | 4k | 2026-01-01 |" in seconds and "| full | 8k | 2026-01-02 |" in seconds
+    assert "2026-01-03" not in seconds and "window w=64" in seconds and "w=128" not in seconds
+    assert "```\ntwo\nthree\n```" in text and "Files quoted: [results/notes.txt](../notes.txt)" in text

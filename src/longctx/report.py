@@ -877,6 +877,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true", help="regenerate every committed report in a temp dir; fail on a difference")
     parser.add_argument("--out", type=Path, default=REPORTS)
     args = parser.parse_args(argv)
+    for cached in (_all_runs, _predictions, _provenance, experiment_scope):  # paths are relative to this directory
+        cached.cache_clear()
     if not EXPERIMENTS.is_dir():
         raise SystemExit(f"error: run from the repository root (no {EXPERIMENTS}/ here)")
     try:
