@@ -423,6 +423,20 @@ def metric_table(found: list[Cell]) -> tuple[str, str]:
     return markdown(wide), " ".join(filter(None, [LEGENDS[found[0].kind], fixed]))
 
 
+def points(found: list[Cell], percent: bool = True) -> pd.DataFrame:
+    """A figure's data from table cells: line (the method label, with the machine when they differ), length, value,
+    low, high, n; accuracies in percent unless `percent` is false."""
+    several = len({(cell.model, cell.device, cell.dtype) for cell in found}) > 1
+    rows = []
+    for cell in found:
+        summary = summarise(cell)
+        scale = 100.0 if percent and cell.kind == "accuracy" else 1.0
+        line = f"{cell.label} ({cell.model}, {cell.device} {cell.dtype})" if several else cell.label
+        rows.append({"line": line, "length": cell.length, "value": summary["value"] * scale,
+                     "low": summary["low"] * scale, "high": summary["high"] * scale, "n": summary["n"]})
+    return pd.DataFrame(rows).sort_values(["line", "length"], ignore_index=True)
+
+
 # --- the report -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -685,40 +699,28 @@ class Renderer:
         table = self.link(self.link_base / self.template.name / f"{name}.csv")
         return f"![{caption}]({target})\n\n{caption} (data: [{name}.csv]({table}))\n"
 
-    def _points(self, found: list[Cell]) -> pd.DataFrame:
-        several = len({(cell.model, cell.device, cell.dtype) for cell in found}) > 1
-        rows = []
-        for cell in found:
-            summary = summarise(cell)
-            line = f"{cell.label} ({cell.model}, {cell.device} {cell.dtype})" if several else cell.label
-            rows.append({"line": line, "length": cell.length, "value": summary["value"], "low": summary["low"],
-                         "high": summary["high"], "n": summary["n"]})
-        return pd.DataFrame(rows).sort_values(["line", "length"], ignore_index=True)
-
     def by_length_figure(self, runs, metric: str, task: str | None = None, pretrained_length: int | None = None,
                          logy: bool = False, name: str | None = None, caption: str | None = None) -> str:
         from longctx.viz import score_by_length
 
         found = self._cells(runs, task, metric)
-        points = self._points(found)
-        if found[0].kind == "accuracy":
-            points[["value", "low", "high"]] *= 100
+        data = points(found)
         ylabel = {"accuracy": "accuracy (%)", "ppl": "perplexity"}.get(metric, metric)
-        figure = score_by_length(points, ylabel, pretrained_length, logy)
+        figure = score_by_length(data, ylabel, pretrained_length, logy)
         caption = caption or f"{ylabel} against length, one line per method, 95% intervals as bars"
-        return self._figure(name or f"{metric}_by_length", figure, points, caption)
+        return self._figure(name or f"{metric}_by_length", figure, data, caption)
 
     def datasets_figure(self, runs, task: str | None = None, pretrained_length: int | None = None,
                         name: str = "datasets_by_length", caption: str | None = None) -> str:
         from longctx.viz import score_by_length_per_panel
 
         task = self._task(runs, task)
-        frames = [self._points(self._cells(runs, task, dataset)).assign(panel=dataset)
+        frames = [points(self._cells(runs, task, dataset)).assign(panel=dataset)
                   for dataset in sorted(scored_datasets(runs[runs["task"] == task], task))]
-        points = pd.concat(frames, ignore_index=True)
-        figure = score_by_length_per_panel(points, "score", pretrained_length)
+        data = pd.concat(frames, ignore_index=True)
+        figure = score_by_length_per_panel(data, "score", pretrained_length)
         caption = caption or "score against length per dataset, one line per method, 95% intervals as bars"
-        return self._figure(name, figure, points, caption)
+        return self._figure(name, figure, data, caption)
 
     def loss_figure(self, runs, pretrained_length: int | None = None, name: str = "loss_by_position",
                     caption: str | None = None) -> str:
@@ -735,12 +737,12 @@ class Renderer:
 
         frame = self._speed(bench)
         several = frame["folder"].nunique() > 1
-        points = frame.assign(line=frame["method"] + (" (" + frame["folder"].map(lambda f: Path(f).name) + ")"
+        data = frame.assign(line=frame["method"] + (" (" + frame["folder"].map(lambda f: Path(f).name) + ")"
                                                        if several else ""))[["line", "length", "prefill_s"]]
-        slopes = prefill_slopes(points)
-        figure = prefill_by_length(points, slopes)
+        slopes = prefill_slopes(data)
+        figure = prefill_by_length(data, slopes)
         caption = caption or "prefill seconds against length (log-log); the slope is the fitted exponent: 1 linear, 2 quadratic"
-        text = self._figure(name, figure, points, caption)
+        text = self._figure(name, figure, data, caption)
         table = slopes.assign(**{"x per doubling": (2 ** slopes["slope"]).map(_number),
                                  "slope": slopes["slope"].map(lambda s: f"{s:.2f}")})
         return f"{text}\n{markdown(table.rename(columns={'line': 'method'}))}\n\nslope: least-squares fit of log(prefill seconds) on log(length) over the lengths listed.\n"
