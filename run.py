@@ -12,7 +12,7 @@ import longctx.registry  # noqa: F401  registers the method and task config grou
 from longctx.data.books import DataError
 from longctx.methods.base import MethodError
 from longctx.models import ModelLoadError
-from longctx.registry import RegistryError
+from longctx.registry import RegistryError, label_problem
 from longctx.tasks.base import TaskError
 
 USER_ERRORS = (DataError, MethodError, ModelLoadError, RegistryError, TaskError)
@@ -25,6 +25,10 @@ def main(cfg: DictConfig) -> None:
 
     logging.getLogger("longctx").setLevel(logging.INFO)
     hydra_cfg = HydraConfig.get()
+    problem = label_problem("+experiment", hydra_cfg.runtime.choices.get("experiment") or "none")
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             run_from_config(cfg)

@@ -115,11 +115,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(lm: LoadedModel, method, ids: torch.Tensor, prefill_chunk: int, decode_tokens: int):
+def run_once(lm: LoadedModel, installed, ids: torch.Tensor, prefill_chunk: int, decode_tokens: int):
     """One prefill of `ids` then `decode_tokens` single-token steps: (prefill s, decode s per token)."""
     model, device = lm.model, ids.device
     reserve = ids.shape[1] + decode_tokens
-    cache = method.new_cache(lm, reserve) if hasattr(method, "new_cache") else DynamicCache(config=model.config)
+    cache = installed.new_cache(reserve) if hasattr(installed, "new_cache") else DynamicCache(config=model.config)
     synchronize(device)
     started = time.perf_counter()
     for first in range(0, ids.shape[1], prefill_chunk or ids.shape[1]):
@@ -139,14 +139,14 @@ def measure(lm: LoadedModel, spec: str, length: int, args, device: torch.device)
     method = parse_method(spec, lm, length)
     ids = torch.randint(0, lm.model.config.vocab_size, (1, length), device=device)
     prefills, decodes = [], []
-    with method(lm), torch.inference_mode():
-        run_once(lm, method, ids[:, : min(length, 4096)], args.prefill_chunk, 2)  # warm-up: kernels compiled, tables built
+    with method(lm, max_length=length + args.decode_tokens) as installed, torch.inference_mode():
+        run_once(lm, installed, ids[:, : min(length, 4096)], args.prefill_chunk, 2)  # warm-up: kernels compiled, tables built
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         with PeakHostMemory() as host:
             for _ in range(args.repeats):
-                prefill, decode = run_once(lm, method, ids, args.prefill_chunk, args.decode_tokens)
+                prefill, decode = run_once(lm, installed, ids, args.prefill_chunk, args.decode_tokens)
                 prefills.append(prefill)
                 decodes.append(decode)
     prefill, decode = statistics.median(prefills), statistics.median(decodes)
@@ -163,10 +163,10 @@ def profile(lm: LoadedModel, spec: str, length: int, args, device: torch.device)
     method = parse_method(spec, lm, length)
     ids = torch.randint(0, lm.model.config.vocab_size, (1, length), device=device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with method(lm), torch.inference_mode():
-        run_once(lm, method, ids, args.prefill_chunk, 0)
+    with method(lm, max_length=length) as installed, torch.inference_mode():
+        run_once(lm, installed, ids, args.prefill_chunk, 0)
         with torch.profiler.profile(activities=activities) as prof:
-            run_once(lm, method, ids, args.prefill_chunk, 0)
+            run_once(lm, installed, ids, args.prefill_chunk, 0)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return f"## {spec} at {length} tokens\n\n" + prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60)
 

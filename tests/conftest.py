@@ -39,11 +39,12 @@ def model_chain(config, tokens: int, max_position: int | None = None) -> int:
 
 
 def logits(lm: LoadedModel, ids: torch.Tensor, method=None, **kwargs) -> torch.Tensor:
-    """The model's logits for `ids`, under `method` if one is given (applied and removed around the call)."""
+    """The model's logits for `ids`, under `method` if one is given (planned for the input's length, applied and
+    removed around the call)."""
     with torch.no_grad():
         if method is None:
             return lm.model(ids, **kwargs).logits
-        with method(lm):
+        with method(lm, max_length=ids.shape[1]):
             return lm.model(ids, **kwargs).logits
 
 

@@ -38,30 +38,30 @@ ABSENT = object()  # a SHAPE key the family's config does not take
 # Every method at the scale of these models (trained on 64 tokens), acting on a 100-token input: the one place a
 # method's test-size parameters live. A method not listed runs at its defaults.
 AT_TINY_SCALE = {
-    # per-token selection: prefill then selects as decoding does (block_size > 1 shares one choice per block)
-    "longheads": dict(window_size=W, atten_length=A, block_size=1, exact_tail=4),
-    "window": dict(sink_tokens=2, window_size=16),
+    # per-token selection: prefill then selects as decoding does (query_block > 1 shares one choice per block)
+    "longheads": dict(chunk_size=W, atten_length=A, query_block=1, exact_tail=4),
+    "window": dict(sink_tokens=2, recent_window=16),
     "pi": dict(factor=2.0),
     "ntk": dict(factor=2.0, dynamic=False),
     "yarn": dict(factor=2.0),
-    "self_extend": dict(group_size=3, neighbor_window=16),  # reaches (64 - 16) * 3 + 16 = 160 tokens
+    "self_extend": dict(group_size=3, recent_window=16),  # reaches (64 - 16) * 3 + 16 = 160 tokens
     "dca": dict(chunk_size=24, local_window=8),
-    "lm_infinite": dict(n_global=2, n_local=16),
+    "lm_infinite": dict(sink_tokens=2, recent_window=16),
     # blocks of 4, 4 initial tokens, a local window of 16, 2 retrieved blocks: lookups from position 28, per token
-    "infllm": dict(block_size=4, n_init=4, n_local=16, topk=2, repr_topk=2, exc_block_size=1, exact_tail=4),
+    "infllm": dict(chunk_size=4, sink_tokens=4, recent_window=16, topk=2, repr_topk=2, query_block=1, exact_tail=4),
 }
 # (parameters, input length) under which a method's range covers the input, so it must equal full attention.
 WITHIN_RANGE = {
     "full": ({}, 48),
     "longheads": (AT_TINY_SCALE["longheads"], A),
-    "window": (dict(sink_tokens=2, window_size=46), 48),
+    "window": (dict(sink_tokens=2, recent_window=46), 48),
     "pi": (dict(factor=1.0), 48),
     "ntk": (dict(factor=1.0, dynamic=False), 48),
     "yarn": (dict(factor=1.0), 48),
-    "self_extend": (dict(group_size=2, neighbor_window=48), 48),
+    "self_extend": (dict(group_size=2, recent_window=48), 48),
     "dca": (dict(chunk_size=48, local_window=8), 48),
-    "lm_infinite": (dict(n_global=2, n_local=48), 48),
-    "infllm": (dict(block_size=4, n_init=4, n_local=48, topk=2, repr_topk=2, exc_block_size=8), 48),
+    "lm_infinite": (dict(sink_tokens=2, recent_window=48), 48),
+    "infllm": (dict(chunk_size=4, sink_tokens=4, recent_window=48, topk=2, repr_topk=2, query_block=8), 48),
 }
 ATTENTION_METHODS = [name for name, cls in METHODS.items() if issubclass(cls, AttentionMethod)]
 GEMMA_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
@@ -172,9 +172,8 @@ def test_gemma3_layer_types_have_their_own_window_and_rope(gemma):
 def test_every_method_runs_on_every_family_and_decodes_as_it_prefills(lm, name):
     ids = ids_of(100)
     method = at_tiny_scale(name)
-    method.check_length(lm, 100)
     prefill = logits(lm, ids, method)
-    with method(lm), torch.no_grad():
+    with method(lm, max_length=100), torch.no_grad():
         output = lm.model(ids[:, :70], use_cache=True)
         cache = output_cache(output)
         steps = [output.logits[:, -1]]
@@ -192,7 +191,6 @@ def test_every_method_within_its_range_equals_full_attention(lm, name):
     params, length = WITHIN_RANGE[name]
     ids = ids_of(length)
     method = build_method(name, **params)
-    method.check_length(lm, length)
     expected = logits(lm, ids)
     tolerance = rounding_tolerance(expected, model_chain(lm.model.config, length))
     torch.testing.assert_close(logits(lm, ids, method), expected, atol=tolerance, rtol=0)
@@ -200,7 +198,7 @@ def test_every_method_within_its_range_equals_full_attention(lm, name):
 
 def test_window_one_token_short_of_the_input_differs_from_full_attention(lm):
     ids = ids_of(48)
-    one_short = logits(lm, ids, SlidingWindow(sink_tokens=2, window_size=45))  # the first non-sink token is dropped
+    one_short = logits(lm, ids, SlidingWindow(sink_tokens=2, recent_window=45))  # the first non-sink token is dropped
     assert (one_short[:, -1] - logits(lm, ids)[:, -1]).abs().max() > 1e-3
 
 
@@ -234,15 +232,14 @@ def test_remove_restores_the_model_exactly(lm, name):
     parameters, saved_parameters = config.rope_parameters, copy.deepcopy(config.rope_parameters)
     modules, implementation = dict(model.named_modules()), config._attn_implementation
     method = make()
-    method.check_length(lm, 2 * PRETRAINED)
-    with method(lm):
+    with method(lm, max_length=2 * PRETRAINED):
         if name in AT_TINY_SCALE:  # the method acts on this beyond-pretrained input
             assert (logits(lm, ids) - before).abs().max() > 1e-3
     assert config.rope_parameters is parameters and config.rope_parameters == saved_parameters
     assert config._attn_implementation == implementation
     assert dict(model.named_modules()) == modules  # the very same rotary modules are back
     assert not any(module._forward_pre_hooks for module in model.modules())
-    assert not any(hasattr(module, "longctx_method") or hasattr(module, "longctx_inv_freq") for module in model.modules())
+    assert not any(hasattr(module, "longctx") or hasattr(module, "longctx_inv_freq") for module in model.modules())
     torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
 
 
@@ -259,13 +256,13 @@ def test_dynamic_ntk_also_restores_the_model(lm):
 
 def test_longheads_past_atten_length_decodes_as_it_prefills_within_range(lm):
     ids = ids_of(100)
-    method = lh(block_size=1, record_selection=True)
+    method = lh(query_block=1, record_selection=True)
     prefill = logits(lm, ids, method)
-    with method(lm), torch.no_grad():
-        cache = method.new_cache(lm.model)
+    with method(lm) as installed, torch.no_grad():
+        cache = installed.new_cache()
         lm.model(ids[:, :70], **with_cache(lm.model, cache))  # 70: mid-chunk, past the selective start
         steps = [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(70, 100)]
-        trace = method.trace()
+        trace = installed.trace()
     tolerance = rounding_tolerance(prefill, model_chain(lm.model.config, 100))
     torch.testing.assert_close(torch.stack(steps, dim=1), prefill[:, 70:], atol=tolerance, rtol=0)
     slots = A // W
@@ -315,7 +312,6 @@ def test_gemma3_sliding_layers_keep_their_own_attention(gemma, name):
     ids = ids_of(100)
     for replace in (False, True):
         method = at_tiny_scale(name, replace_sliding_layers=replace)
-        method.check_length(gemma, 100)
         seen = attention_inputs_and_outputs(gemma, ids, method)
         for index, layer_type in enumerate(GEMMA_LAYER_TYPES):
             hidden, position_embeddings, output = seen[index]
@@ -328,7 +324,7 @@ def test_gemma3_sliding_layers_keep_their_own_attention(gemma, name):
 
 def test_gemma3_caches_keep_only_the_window_of_local_layers(gemma):
     ids = ids_of(100)
-    for method in (lh(), SlidingWindow(sink_tokens=2, window_size=16)):
+    for method in (lh(), SlidingWindow(sink_tokens=2, recent_window=16)):
         with method(gemma), torch.no_grad():
             cache = output_cache(gemma.model(ids, use_cache=True))
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
@@ -342,10 +338,10 @@ def test_a_model_of_only_sliding_layers_needs_replace_sliding_layers():
         lh().apply(lm)
     assert lm.model.config._attn_implementation == "sdpa"
     ids = ids_of(60)
-    method = lh(block_size=1, replace_sliding_layers=True)
+    method = lh(query_block=1, replace_sliding_layers=True)
     prefill = logits(lm, ids, method)
-    with method(lm), torch.no_grad():
-        cache = method.new_cache(lm.model)
+    with method(lm) as installed, torch.no_grad():
+        cache = installed.new_cache()
         lm.model(ids[:, :40], **with_cache(lm.model, cache))
         steps = [lm.model(ids[:, t : t + 1], **with_cache(lm.model, cache)).logits[:, -1] for t in range(40, 60)]
     assert all(layer.keys.shape[-2] == 60 for layer in cache.layers)  # LongHeads' layers keep every token
@@ -385,11 +381,10 @@ def test_gemma3_270m_finds_the_passkey_at_2k(gemma3_270m, method):
     from longctx.tasks.passkey import Passkey
 
     task = Passkey(lengths=[2048], num_samples=1, depths=[0.3])
-    params = {"atten_length": 1024, "window_size": 128, "record_selection": True} if method == "longheads" else {}
-    applied = build_method(method, **params)
-    with applied(gemma3_270m):
+    params = {"atten_length": 1024, "chunk_size": 128, "record_selection": True} if method == "longheads" else {}
+    with build_method(method, **params)(gemma3_270m, max_length=2048) as installed:
         metrics = task.run(gemma3_270m, on_sample=lambda record: None)
-        trace = applied.trace()
+        trace = installed.trace()
     assert metrics["accuracy"] == 1.0
     if method == "longheads":
         assert trace["chosen"].shape[0] == 3  # the three global layers select; the fifteen local ones keep their window

@@ -11,9 +11,11 @@ from conftest import model_chain, rounding_tolerance, tiny_llama
 from longctx.methods import window as window_module
 from longctx.methods.base import MethodError, output_cache, with_cache
 from longctx.methods.rope import rotate
-from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation
+from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation, YaRN
+from longctx.methods.self_extend import SelfExtend
 from longctx.methods.window import SinkWindowCache, SlidingWindow, window_attention
 from longctx.models import LoadedModel
+from longctx.registry import METHODS, build_method
 
 PRETRAINED = 128
 
@@ -66,16 +68,24 @@ def test_pi_model_at_stretched_positions_equals_unscaled_model(lm):
     assert (plain - reference).abs().max() > 100 * tolerance
 
 
-def test_pi_default_factor_comes_from_check_length(lm):
+def test_pi_default_factor_comes_from_the_planned_length(lm):
     method = PositionInterpolation()
-    with pytest.raises(MethodError):
-        method.apply(lm)
-    method.check_length(lm, 3 * PRETRAINED)
-    with method(lm):
+    with method(lm, max_length=3 * PRETRAINED):
         assert lm.model.config.rope_parameters["factor"] == 3.0
-    method.check_length(lm, PRETRAINED // 2)  # shorter than pretrained: no squeezing
-    with method(lm):
+    with method(lm, max_length=PRETRAINED // 2):  # shorter than pretrained: no squeezing
         assert lm.model.config.rope_parameters["factor"] == 1.0
+
+
+def test_a_method_at_its_defaults_without_a_length_serves_the_trained_range_and_refuses_more(lm):
+    """`with method(lm):` works for every method at its defaults; one whose numbers depend on the length plans for the
+    trained length and refuses a longer input in one line instead of computing a wrong number."""
+    for name in METHODS:
+        with build_method(name)(lm):
+            assert torch.isfinite(logits(lm, ids_of(PRETRAINED))).all()
+    for method in (PositionInterpolation(), YaRN(), SelfExtend()):
+        with method(lm), pytest.raises(MethodError, match=f"planned for at most {PRETRAINED} tokens .* max_length={PRETRAINED + 1}") as error:
+            logits(lm, ids_of(PRETRAINED + 1))
+        assert "\n" not in str(error.value)
 
 
 # --- NTK-aware scaling ------------------------------------------------------------------------------------------
@@ -131,7 +141,7 @@ def test_dynamic_ntk_refuses_a_pretrained_length_transformers_would_not_use(lm):
         lambda: PositionInterpolation(factor=2),
         lambda: NTKScaling(factor=2, dynamic=False),
         lambda: NTKScaling(dynamic=True),
-        lambda: SlidingWindow(sink_tokens=2, window_size=8),
+        lambda: SlidingWindow(sink_tokens=2, recent_window=8),
     ],
 )
 def test_remove_restores_the_model_exactly(lm, make):
@@ -147,7 +157,7 @@ def test_remove_restores_the_model_exactly(lm, make):
     assert lm.model.model.rotary_emb is rotary
     assert config._attn_implementation == attention
     assert not lm.model.model._forward_pre_hooks
-    assert not any(hasattr(module, "longctx_method") for module in lm.model.modules())
+    assert not any(hasattr(module, "longctx") for module in lm.model.modules())
     torch.testing.assert_close(logits(lm, ids), before, atol=0, rtol=0)
 
 
@@ -155,9 +165,9 @@ def test_rope_scaling_composes_with_window(lm):
     ids = ids_of(60)
     with PositionInterpolation(factor=2)(lm):
         pi_only = logits(lm, ids)
-    with PositionInterpolation(factor=2)(lm), SlidingWindow(sink_tokens=2, window_size=64)(lm):
+    with PositionInterpolation(factor=2)(lm), SlidingWindow(sink_tokens=2, recent_window=64)(lm):
         both = logits(lm, ids)
-        assert lm.model.config._attn_implementation == window_module.ATTENTION_NAME
+        assert lm.model.config._attn_implementation == SlidingWindow().attention_name
     # the window's attention (the whole input in its window) against SDPA's: the same sums in another order
     torch.testing.assert_close(both, pi_only, atol=rounding_tolerance(pi_only, model_chain(lm.model.config, 60)), rtol=0)
     assert lm.model.config._attn_implementation == "sdpa" and lm.model.config.rope_parameters["rope_type"] == "default"
@@ -176,7 +186,7 @@ def test_window_token_outside_receptive_field_has_no_influence_inside_does(lm):
             changed[0, position] = (changed[0, position] + 1) % 128
         return logits(lm, changed, use_cache=False)[:, -1]
 
-    with SlidingWindow(sink_tokens=2, window_size=8)(lm):
+    with SlidingWindow(sink_tokens=2, recent_window=8)(lm):
         reference = last_logits_with_changed(None)
         for outside in (2, 20, 44):
             torch.testing.assert_close(last_logits_with_changed(outside), reference, atol=0, rtol=0)
@@ -188,9 +198,9 @@ def test_window_covering_the_input_equals_full_attention(lm):
     ids = ids_of(60, batch=2)
     reference = logits(lm, ids)
     tolerance = rounding_tolerance(reference, model_chain(lm.model.config, 60))
-    with SlidingWindow(sink_tokens=4, window_size=56)(lm):
+    with SlidingWindow(sink_tokens=4, recent_window=56)(lm):
         torch.testing.assert_close(logits(lm, ids), reference, atol=tolerance, rtol=0)
-    with SlidingWindow(sink_tokens=4, window_size=55)(lm):  # one token short: the first non-sink is dropped
+    with SlidingWindow(sink_tokens=4, recent_window=55)(lm):  # one token short: the first non-sink is dropped
         assert (logits(lm, ids)[:, -1] - reference[:, -1]).abs().max() > 100 * tolerance
 
 
@@ -202,8 +212,8 @@ def test_window_attention_matches_a_naive_reference_with_documented_positions():
     query = rotate(torch.randn(1, kv_heads * groups, n, d), torch.arange(n), inv_freq)
     key = rotate(torch.randn(1, kv_heads, n, d), torch.arange(n), inv_freq)
     value = torch.randn(1, kv_heads, n, d)
-    method = SimpleNamespace(window=window_module._Window(sinks, size))
-    module = SimpleNamespace(longctx_method=method, longctx_inv_freq=inv_freq, training=False)
+    installation = SimpleNamespace(plan=window_module.WindowPlan(sink_tokens=sinks, recent_window=size))
+    module = SimpleNamespace(longctx=installation, longctx_inv_freq=inv_freq, training=False)
     out, _ = window_attention(module, query, key, value, None, scaling=d**-0.5, position_ids=torch.arange(n)[None])
     # per output: a d-term score, an n-term softmax sum and weighted sum, and RoPE angles up to n rad (query, key and
     # the sink's move) rounded relative to themselves
@@ -223,7 +233,7 @@ def test_window_attention_matches_a_naive_reference_with_documented_positions():
 
 def test_window_prefill_in_blocks_and_decode_agree(lm, monkeypatch):
     ids = ids_of(60, batch=2)
-    with SlidingWindow(sink_tokens=2, window_size=8)(lm):
+    with SlidingWindow(sink_tokens=2, recent_window=8)(lm):
         prefill = logits(lm, ids, use_cache=False)
         tolerance = rounding_tolerance(prefill, model_chain(lm.model.config, 60))
         monkeypatch.setattr(window_module, "QUERY_BLOCK", 7)
@@ -242,7 +252,7 @@ def test_window_prefill_in_blocks_and_decode_agree(lm, monkeypatch):
 
 def test_window_greedy_generate_matches_prefill(lm):
     prompt = ids_of(20)
-    with SlidingWindow(sink_tokens=2, window_size=8)(lm):
+    with SlidingWindow(sink_tokens=2, recent_window=8)(lm):
         with torch.no_grad():
             generated = lm.model.generate(
                 prompt, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -259,8 +269,8 @@ def test_window_default_size_fills_the_pretrained_length(lm):
     ids = ids_of(PRETRAINED)
     reference = logits(lm, ids)
     method = SlidingWindow(sink_tokens=4)
-    with method(lm):
-        assert method.window.window_size == PRETRAINED - 4
+    with method(lm) as installed:
+        assert installed.plan.recent_window == PRETRAINED - 4
         tolerance = rounding_tolerance(reference, model_chain(lm.model.config, PRETRAINED))
         torch.testing.assert_close(logits(lm, ids), reference, atol=tolerance, rtol=0)
 
@@ -269,7 +279,7 @@ def test_window_refuses_padded_batches(lm):
     ids = ids_of(10, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    with SlidingWindow(sink_tokens=2, window_size=8)(lm), pytest.raises(MethodError):
+    with SlidingWindow(sink_tokens=2, recent_window=8)(lm), pytest.raises(MethodError):
         logits(lm, ids, attention_mask=mask)
 
 
@@ -277,4 +287,4 @@ def test_invalid_parameters_are_refused():
     with pytest.raises(MethodError):
         PositionInterpolation(factor=0.5)
     with pytest.raises(MethodError):
-        SlidingWindow(window_size=0)
+        SlidingWindow(recent_window=0)

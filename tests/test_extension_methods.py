@@ -16,13 +16,13 @@ import torch
 from conftest import logits, model_chain, rounding_tolerance, tiny_llama
 
 from longctx.methods.base import MethodError
-from longctx.methods.dca import DualChunkAttention, _Chunks, dca_attention
-from longctx.methods.lm_infinite import LMInfinite, _Lambda, lm_infinite_attention
+from longctx.methods.dca import ChunksPlan, DualChunkAttention, dca_attention
+from longctx.methods.lm_infinite import LambdaPlan, LMInfinite, lm_infinite_attention
 from longctx.methods.longheads import LongHeads
 from longctx.methods.merge import _written_out_attention, attention_part, merge
 from longctx.methods.rope import rotate
 from longctx.methods.rope_scaling import NTKScaling, PositionInterpolation, YaRN
-from longctx.methods.self_extend import SelfExtend, _Groups, self_extend_attention
+from longctx.methods.self_extend import GroupsPlan, SelfExtend, self_extend_attention
 from longctx.models import LoadedModel
 
 PRETRAINED = 64
@@ -91,8 +91,10 @@ def angle_tolerance(q_raw, k_raw, v, n: int) -> float:
     return float(2 * score * v.abs().max() + sums)
 
 
-def method_module(**state) -> SimpleNamespace:
-    return SimpleNamespace(longctx_method=SimpleNamespace(**state), longctx_inv_freq=INV_FREQ, training=False)
+def method_module(plan) -> SimpleNamespace:
+    """A layer as an installed method leaves it: the installation (its plan) and the layer's RoPE frequencies."""
+    installation = SimpleNamespace(plan=plan, method=SimpleNamespace(name="under test"))
+    return SimpleNamespace(longctx=installation, longctx_inv_freq=INV_FREQ, training=False)
 
 
 # --- the log-sum-exp merge --------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def test_self_extend_equals_the_papers_two_position_schemes(size, window):
     def positions(t, j):  # Jin et al. 2024: neighbours exact, then floor-divided groups joined at the window
         return (t, j) if t - j < window else (t // size + window - window // size, j // size)
 
-    module = method_module(groups=_Groups(size, window))
+    module = method_module(GroupsPlan(group_size=size, recent_window=window))
     out, _ = self_extend_attention(module, *rotated_inputs(q_raw, k_raw, v), None, scaling=SCALING)
     expected = reference_attention(q_raw, k_raw, v, positions)
     torch.testing.assert_close(out[0].double(), expected, atol=angle_tolerance(q_raw, k_raw, v, n), rtol=0)
@@ -138,21 +140,20 @@ def test_self_extend_equals_the_papers_two_position_schemes(size, window):
 def test_self_extend_within_its_neighbour_window_is_full_attention_and_beyond_it_is_not(lm):
     ids = ids_of(48)
     reference = logits(lm, ids)
-    torch.testing.assert_close(logits(lm, ids, SelfExtend(group_size=4, neighbor_window=48)), reference, atol=0, rtol=0)
-    assert (logits(lm, ids, SelfExtend(group_size=4, neighbor_window=40)) - reference).abs().max() > 1e-3
+    torch.testing.assert_close(logits(lm, ids, SelfExtend(group_size=4, recent_window=48)), reference, atol=0, rtol=0)
+    assert (logits(lm, ids, SelfExtend(group_size=4, recent_window=40)) - reference).abs().max() > 1e-3
 
 
 def test_self_extend_usable_length_is_checked_in_one_line(lm):
-    method = SelfExtend(group_size=2, neighbor_window=16)
-    method.check_length(lm, (PRETRAINED - 16) * 2 + 16)
+    method = SelfExtend(group_size=2, recent_window=16)
+    assert method.plan(lm, (PRETRAINED - 16) * 2 + 16).reach == 112
     with pytest.raises(MethodError, match=r"\(L - W\) \* G \+ W = 112 .* group_size >= 3") as error:
-        method.check_length(lm, 113)
+        method.plan(lm, 113)
     assert "\n" not in str(error.value)
-    smallest = SelfExtend(neighbor_window=16)  # group_size=None: the smallest that reaches the target length
-    smallest.check_length(lm, 113)
-    assert smallest.resolved(lm) == _Groups(3, 16)
+    smallest = SelfExtend(recent_window=16).plan(lm, 113)  # group_size=None: the smallest that reaches the target length
+    assert (smallest.group_size, smallest.recent_window) == (3, 16)
     with pytest.raises(MethodError, match="below the trained length"):
-        SelfExtend(neighbor_window=PRETRAINED).check_length(lm, 100)
+        SelfExtend(recent_window=PRETRAINED).plan(lm, 100)
 
 
 # --- Dual Chunk Attention ---------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_dca_equals_the_papers_three_position_schemes(size, local):
         query = t % size if behind == 0 else min(size + t % size, farthest) if behind == 1 else farthest
         return query, j % size
 
-    module = method_module(chunks=_Chunks(size, local))
+    module = method_module(ChunksPlan(chunk_size=size, local_window=local))
     out, _ = dca_attention(module, *rotated_inputs(q_raw, k_raw, v), None, scaling=SCALING)
     expected = reference_attention(q_raw, k_raw, v, positions)
     torch.testing.assert_close(out[0].double(), expected, atol=angle_tolerance(q_raw, k_raw, v, n), rtol=0)
@@ -185,10 +186,11 @@ def test_dca_within_one_chunk_is_full_attention_and_past_it_is_not(lm):
 
 def test_dca_refuses_chunks_past_the_trained_length_unless_rescaled(lm):
     with pytest.raises(MethodError, match="must not exceed the trained length") as error:
-        DualChunkAttention(chunk_size=60, local_window=8).check_length(lm, 200)
+        DualChunkAttention(chunk_size=60, local_window=8).plan(lm, 200)
     assert "\n" not in str(error.value)
-    DualChunkAttention(chunk_size=60, local_window=8, rope_scaling=PositionInterpolation(factor=2)).check_length(lm, 200)
-    assert DualChunkAttention().resolved(lm) == _Chunks(3 * PRETRAINED // 4 - PRETRAINED // 16, PRETRAINED // 16)
+    DualChunkAttention(chunk_size=60, local_window=8, rope_scaling=PositionInterpolation(factor=2)).plan(lm, 200)
+    plan = DualChunkAttention().plan(lm)
+    assert (plan.chunk_size, plan.local_window) == (3 * PRETRAINED // 4 - PRETRAINED // 16, PRETRAINED // 16)
 
 
 # --- LM-Infinite ------------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def test_lm_infinite_equals_the_lambda_mask_with_capped_distance(n_global, n_loc
             return t, j
         return (d_max, 0) if j < n_global else None
 
-    module = method_module(shape=_Lambda(n_global, n_local, d_max))
+    module = method_module(LambdaPlan(sink_tokens=n_global, recent_window=n_local, d_max=d_max))
     out, _ = lm_infinite_attention(module, *rotated_inputs(q_raw, k_raw, v), None, scaling=SCALING,
                                    position_ids=torch.arange(n)[None])
     expected = reference_attention(q_raw, k_raw, v, positions)
@@ -214,9 +216,9 @@ def test_lm_infinite_equals_the_lambda_mask_with_capped_distance(n_global, n_loc
 def test_lm_infinite_covering_the_input_is_full_attention_and_keeps_a_bounded_cache(lm):
     ids = ids_of(48)
     reference = logits(lm, ids)
-    torch.testing.assert_close(logits(lm, ids, LMInfinite(n_global=4, n_local=48)), reference, atol=0, rtol=0)
-    assert (logits(lm, ids, LMInfinite(n_global=4, n_local=40)) - reference).abs().max() > 1e-3
-    with LMInfinite(n_global=4, n_local=16)(lm), torch.no_grad():
+    torch.testing.assert_close(logits(lm, ids, LMInfinite(sink_tokens=4, recent_window=48)), reference, atol=0, rtol=0)
+    assert (logits(lm, ids, LMInfinite(sink_tokens=4, recent_window=40)) - reference).abs().max() > 1e-3
+    with LMInfinite(sink_tokens=4, recent_window=16)(lm), torch.no_grad():
         cache = lm.model(ids_of(100), use_cache=True).past_key_values
     assert all(layer.keys.shape[-2] == 4 + 16 - 1 for layer in cache.layers)  # n_global + n_local - 1, any length
 
@@ -267,13 +269,13 @@ def test_yarn_frequencies_and_temperature_follow_the_paper(lm, factor):
 
 
 def test_a_rescaling_refuses_a_length_its_factor_cannot_reach_unless_a_method_holds_it(lm):
-    YaRN(factor=2.0).check_length(lm, 2 * PRETRAINED)
+    assert YaRN(factor=2.0).plan(lm, 2 * PRETRAINED).reach == 2 * PRETRAINED
     with pytest.raises(MethodError, match="reaches 128 tokens .* set factor >= 2.01562") as error:
-        YaRN(factor=2.0).check_length(lm, 2 * PRETRAINED + 1)
+        YaRN(factor=2.0).plan(lm, 2 * PRETRAINED + 1)
     assert "\n" not in str(error.value)
-    YaRN().check_length(lm, 100 * PRETRAINED)  # factor null: length / trained length
+    assert YaRN().plan(lm, 100 * PRETRAINED).factor == 100  # factor null: length / trained length
     # under Dual Chunk Attention the rescaling only has to reach s + w: any length goes
-    DualChunkAttention(chunk_size=40, local_window=8, rope_scaling=YaRN(factor=2.0)).check_length(lm, 100 * PRETRAINED)
+    assert DualChunkAttention(chunk_size=40, local_window=8, rope_scaling=YaRN(factor=2.0)).plan(lm, 100 * PRETRAINED).reach is None
 
 
 def test_yarn_factor_one_is_the_model_and_dynamic_is_refused(lm):
@@ -290,10 +292,10 @@ def test_yarn_factor_one_is_the_model_and_dynamic_is_refused(lm):
 @pytest.mark.parametrize(
     "attention",
     [
-        lambda scaling: LongHeads(window_size=8, atten_length=32, block_size=4, exact_tail=4, rope_scaling=scaling),
+        lambda scaling: LongHeads(chunk_size=8, atten_length=32, query_block=4, exact_tail=4, rope_scaling=scaling),
         lambda scaling: DualChunkAttention(chunk_size=40, local_window=8, rope_scaling=scaling),
-        lambda scaling: SelfExtend(group_size=2, neighbor_window=40, rope_scaling=scaling),
-        lambda scaling: LMInfinite(n_global=2, n_local=40, rope_scaling=scaling),
+        lambda scaling: SelfExtend(group_size=2, recent_window=40, rope_scaling=scaling),
+        lambda scaling: LMInfinite(sink_tokens=2, recent_window=40, rope_scaling=scaling),
     ],
     ids=["longheads", "dca", "self_extend", "lm_infinite"],
 )
@@ -341,9 +343,9 @@ def test_remove_takes_the_rescaling_off_too(lm):
 @pytest.mark.parametrize(
     "name, params",
     [
-        ("self_extend", {"group_size": 4, "neighbor_window": 256}),  # three quarters of the prompt in groups
+        ("self_extend", {"group_size": 4, "recent_window": 256}),  # three quarters of the prompt in groups
         ("dca", {"chunk_size": 640, "local_window": 64}),  # the prompt in three chunks and a bit
-        ("lm_infinite", {"n_global": 10, "n_local": 1024}),  # the needle (depth 0.7) inside the local branch, d_max 1024
+        ("lm_infinite", {"sink_tokens": 10, "recent_window": 1024}),  # the needle (depth 0.7) inside the local branch, d_max 1024
         ("yarn", {"factor": 2.0}),
     ],
 )
@@ -353,8 +355,6 @@ def test_the_embedded_model_finds_the_passkey_at_2k_through_each_method(smollm2,
     from longctx.tasks.passkey import Passkey
 
     task = Passkey(lengths=[2048], num_samples=1, depths=[0.7])
-    method = build_method(name, **params)
-    method.check_length(smollm2, 2048)
-    with method(smollm2):
+    with build_method(name, **params)(smollm2, max_length=2048):
         metrics = task.run(smollm2, on_sample=lambda record: None)
     assert metrics["accuracy"] == 1.0

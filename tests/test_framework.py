@@ -23,7 +23,8 @@ from conftest import tiny_llama
 
 from longctx.methods.full import FullAttention
 from longctx.models import LoadedModel, ModelLoadError, embedded_model_dir, load_model
-from longctx.registry import METHODS, TASKS, RegistryError, build_method, build_task, parameters
+from longctx.methods.method import MethodError, parameters
+from longctx.registry import METHODS, TASKS, RegistryError, build_method, build_task
 from longctx.runner import evaluate
 from longctx.tasks.base import TaskError
 from longctx.tasks.passkey import INSTRUCTION, NEEDLE, QUESTION, Passkey, build_prompt, first_integer
@@ -153,8 +154,8 @@ def test_every_config_combination_composes(method, task, hydra_config_reset):
             assert resolved["output_dir"].startswith(f"{os.getcwd()}/results/{task}/{model}/{method}/")
             if logger == "wandb":
                 assert resolved["logger"]["dir"] == f"{os.getcwd()}/results"
-            if "seed" in resolved["task"]:
-                assert resolved["task"]["seed"] == resolved["seed"]
+            if "seed" in resolved["task"]:  # the run's seed, unless the task keeps its own (RULER: prepare.py's 42)
+                assert resolved["task"]["seed"] == (resolved["seed"] if TASKS[task].follows_run_seed else 42)
 
 
 @pytest.mark.parametrize("group, registry", [("method", METHODS), ("task", TASKS)])
@@ -166,7 +167,8 @@ def test_config_defaults_are_the_dataclass_defaults(group, registry, hydra_confi
         assert params.pop("name") == name
         built = cls()
         for field in parameters(cls):
-            expected = 5 if field.name == "seed" else getattr(built, field.name)  # a task's seed follows the run's
+            follows = field.name == "seed" and cls.follows_run_seed  # a task's seed follows the run's, RULER's is 42
+            expected = 5 if follows else getattr(built, field.name)
             assert params.pop(field.name) == expected, (name, field.name)
         assert params == {}, (name, params)
 
@@ -208,9 +210,9 @@ def test_unknown_name_lists_the_valid_ones(build, registry):
 
 def test_unknown_parameter_is_named():
     with pytest.raises(RegistryError) as error:
-        build_method("longheads", window_sise=64)
+        build_method("longheads", chunk_sise=64)
     message = str(error.value)
-    assert "\n" not in message and "window_sise" in message and "window_size" in message
+    assert "\n" not in message and "chunk_sise" in message and "chunk_size" in message
     with pytest.raises(RegistryError, match="lenghts"):
         build_task("passkey", lenghts=[1024])
 
@@ -307,15 +309,13 @@ def test_runner_with_longheads_draws_chunk_selection_and_restores_the_model(tiny
     ids = torch.randint(0, len(tiny_lm.tokenizer), (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = tiny_lm.model(ids).logits
-    method = build_method("longheads", window_size=16, atten_length=64, block_size=4, exact_tail=8, record_selection=True)
+    method = build_method("longheads", chunk_size=16, atten_length=64, query_block=4, exact_tail=8, record_selection=True)
     task = Passkey(lengths=[300], num_samples=2, max_new_tokens=3)
     run_dir = tmp_path / "run"
     evaluate(tiny_lm, method, task, out_dir=run_dir, wandb_mode="disabled")
 
     heatmaps = sorted(path.name for path in run_dir.glob("chunk_selection_*.png"))
     assert heatmaps == ["chunk_selection_0.png", "chunk_selection_1.png"]
-    trace = method.trace()
-    assert trace is not None and trace["chosen"].shape[:2] == (2, 4)  # layers x query heads
     assert len(read_predictions(run_dir)) == 2
     with torch.no_grad():
         torch.testing.assert_close(tiny_lm.model(ids).logits, before)  # the method was removed on exit
@@ -341,3 +341,11 @@ def test_embedded_model_retrieves_the_passkey_at_1024_tokens(smollm2):
     task = Passkey(lengths=[1024], num_samples=2)
     metrics = evaluate(smollm2, FullAttention(), task)
     assert metrics["accuracy@1024"] == 1.0, task._records
+
+
+@pytest.mark.parametrize("name", sorted(name for name, cls in METHODS.items() if cls.renamed))
+def test_a_renamed_parameter_is_refused_naming_the_new_one(name):
+    for old, new in METHODS[name].renamed.items():
+        with pytest.raises(MethodError, match=f"{old} is now called {new}") as error:
+            build_method(name, **{old: 1})
+        assert "\n" not in str(error.value)

@@ -21,7 +21,7 @@ from longctx.models import embedded_model_dir, load_model  # noqa: E402
 from longctx.registry import build_method  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. " * 20
-LONGHEADS = dict(window_size=16, atten_length=64, block_size=4)  # prompts of ~300 tokens: selection does the work
+LONGHEADS = dict(chunk_size=16, atten_length=64, query_block=4)  # prompts of ~300 tokens: selection does the work
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_max_length_reaches_the_method_and_remove_restores_the_model(tiny_folder
     # PI with factor=None stretches RoPE by max_length / trained length: the harness's max_length must get there
     adapter = longctx.harness.LongctxLM(pretrained=str(tiny_folder), method="pi", max_length=1024, device="cpu", dtype="float32")
     assert adapter.max_length == 1024
-    assert adapter.method.length_factor(adapter.loaded) == 1024 / 256
+    assert adapter.installation.plan.factor == 1024 / 256
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         stretched = adapter.model(ids).logits

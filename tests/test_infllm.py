@@ -21,7 +21,7 @@ from longctx.methods.retrieval.triton_kernel import triton
 from longctx.models import LoadedModel
 from test_longheads import plain_rope
 
-SMALL = dict(block_size=8, n_init=8, n_local=32, topk=2, repr_topk=2, exc_block_size=16, exact_tail=8)
+SMALL = dict(chunk_size=8, sink_tokens=8, recent_window=32, topk=2, repr_topk=2, query_block=16, exact_tail=8)
 SEQ = 200
 on_gpu = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(
@@ -91,7 +91,8 @@ def reference_attention(lm, query, key, value, scaling, block_size, n_init, n_lo
 
 
 def reference_logits(lm: LoadedModel, ids: torch.Tensor, **params) -> torch.Tensor:
-    params = {**SMALL, **params}
+    release_names = {new: old for old, new in InfLLM.renamed.items()}  # the reference speaks the release's names
+    params = {release_names.get(name, name): value for name, value in {**SMALL, **params}.items()}
 
     def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
         return reference_attention(lm, query, key, value, scaling, **params)
@@ -158,21 +159,21 @@ def test_per_head_lookup_equals_reference(sharp64, ids, sharing):
 
 
 def test_within_local_window_equals_full_attention(sharp64, ids):
-    short = ids[:, : SMALL["n_local"]]
+    short = ids[:, : SMALL["recent_window"]]
     expected = logits(sharp64, short)
     got = logits(sharp64, short, infllm())
     torch.testing.assert_close(got, expected, atol=rounding_tolerance(expected, model_chain(sharp64.model.config, short.shape[1])), rtol=0)
     # one token more and the first one moves to the one distance: no longer full attention
-    longer = ids[:, : SMALL["n_local"] + 1]
+    longer = ids[:, : SMALL["recent_window"] + 1]
     assert not torch.allclose(logits(sharp64, longer, infllm())[:, -1], logits(sharp64, longer)[:, -1], atol=1e-6)
 
 
 def test_decoding_equals_prefill(sharp64, ids):
-    """Per-token lookups (exc_block_size=1): token-by-token decoding reproduces the prefill's logits."""
-    method = infllm(exc_block_size=1)
+    """Per-token lookups (query_block=1): token-by-token decoding reproduces the prefill's logits."""
+    method = infllm(query_block=1)
     prefill = logits(sharp64, ids, method)
-    with method(sharp64), torch.no_grad():
-        cache = method.new_cache(sharp64)
+    with method(sharp64) as installed, torch.no_grad():
+        cache = installed.new_cache()
         sharp64.model(ids[:, :130], **with_cache(sharp64.model, cache))  # 130: mid-block, past the first lookup
         steps = [sharp64.model(ids[:, t : t + 1], **with_cache(sharp64.model, cache)).logits[:, -1] for t in range(130, SEQ)]
     tolerance = rounding_tolerance(prefill, model_chain(sharp64.model.config, SEQ))
@@ -185,8 +186,8 @@ def test_prefill_in_pieces_equals_one_prefill(sharp64, ids):
     call's last queries would otherwise look up one by one)."""
     method = infllm(exact_tail=0)
     whole = logits(sharp64, ids, method)
-    with method(sharp64), torch.no_grad():
-        cache = method.new_cache(sharp64)
+    with method(sharp64) as installed, torch.no_grad():
+        cache = installed.new_cache()
         first = sharp64.model(ids[:, :96], **with_cache(sharp64.model, cache)).logits
         second = sharp64.model(ids[:, 96:], **with_cache(sharp64.model, cache)).logits
     tolerance = rounding_tolerance(whole, model_chain(sharp64.model.config, SEQ))
@@ -194,14 +195,14 @@ def test_prefill_in_pieces_equals_one_prefill(sharp64, ids):
 
 
 def test_lookups_are_per_layer_sorted_and_local(sharp64, ids):
-    method = infllm(exc_block_size=1)
-    with method(sharp64), torch.no_grad():
+    method = infllm(query_block=1)
+    with method(sharp64) as installed, torch.no_grad():
         sharp64.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-        trace = method.trace()
-    w, sink = SMALL["block_size"], SMALL["n_init"] // SMALL["block_size"]
+        trace = installed.trace()
+    w, sink = SMALL["chunk_size"], SMALL["sink_tokens"] // SMALL["chunk_size"]
     for step, attended in enumerate(trace["steps"]):
         position = SEQ - 1 + step
-        recent = (position - SMALL["n_local"]) // w
+        recent = (position - SMALL["recent_window"]) // w
         assert attended.shape == (2, 1, sink + SMALL["topk"] + position // w - recent + 1)  # layers x one lookup x blocks
         for row in attended.reshape(-1, attended.shape[-1]).tolist():
             assert row[:sink] == list(range(sink)) and row[-(position // w - recent + 1):] == list(range(recent, position // w + 1))
@@ -224,10 +225,10 @@ def test_remove_restores_model(sharp64, ids):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"n_init": 12}, "n_init .* multiple of block_size"),
-        ({"n_local": 36}, "n_local .* multiple of block_size"),
-        ({"exc_block_size": 12}, "exc_block_size"),
-        ({"exc_block_size": 64}, "must not exceed n_local"),
+        ({"sink_tokens": 12}, "sink_tokens .* multiple of chunk_size"),
+        ({"recent_window": 36}, "recent_window .* multiple of chunk_size"),
+        ({"query_block": 12}, "query_block"),
+        ({"query_block": 64}, "must not exceed recent_window"),
         ({"repr_topk": 9}, "repr_topk"),
         ({"topk": 0}, "topk"),
         ({"sharing": "token"}, "sharing must be one of"),
@@ -243,7 +244,7 @@ def test_bad_parameters_give_one_line_errors(params, message):
 def test_defaults_are_the_releases_8k_config():
     """config/llama-3-inf-llm.yaml (Llama-3-8B, trained on 8k): the model size of the embedded SmolLM2."""
     method = InfLLM()
-    assert (method.block_size, method.n_init, method.n_local, method.topk, method.repr_topk, method.exc_block_size) == (
+    assert (method.chunk_size, method.sink_tokens, method.recent_window, method.topk, method.repr_topk, method.query_block) == (
         128, 128, 4096, 16, 4, 512)
     assert method.attended_tokens == 128 + 16 * 128 + 4096
     assert (method.sharing, method.positions, method.summary) == ("layer", "one_distance", "representative_tokens")
@@ -252,12 +253,12 @@ def test_defaults_are_the_releases_8k_config():
 def test_a_mix_through_the_seams(sharp64, ids):
     """LongHeads' selection (in-chunk summaries, per head) with InfLLM's positions: set by parameters, decodes as it
     prefills, and every key it reads sits within its one-chunk local window or at distance w - 1."""
-    method = LongHeads(window_size=16, atten_length=64, block_size=1, exact_tail=0, positions="one_distance")
+    method = LongHeads(chunk_size=16, atten_length=64, query_block=1, exact_tail=0, positions="one_distance")
     assert method.largest_distance() == 15
     prefill = logits(sharp64, ids, method)
-    assert not torch.allclose(prefill, logits(sharp64, ids, LongHeads(window_size=16, atten_length=64, block_size=1)), atol=1e-3)
-    with method(sharp64), torch.no_grad():
-        cache = method.new_cache(sharp64)
+    assert not torch.allclose(prefill, logits(sharp64, ids, LongHeads(chunk_size=16, atten_length=64, query_block=1)), atol=1e-3)
+    with method(sharp64) as installed, torch.no_grad():
+        cache = installed.new_cache()
         sharp64.model(ids[:, :150], **with_cache(sharp64.model, cache))
         steps = [sharp64.model(ids[:, t : t + 1], **with_cache(sharp64.model, cache)).logits[:, -1] for t in range(150, SEQ)]
     tolerance = rounding_tolerance(prefill, model_chain(sharp64.model.config, SEQ))
@@ -274,10 +275,10 @@ def test_embedded_model_finds_passkey_beyond_the_local_window(smollm2):
     from longctx.tasks.passkey import Passkey
 
     task = Passkey(lengths=[1536], num_samples=1, depths=[0.3])
-    method = InfLLM(block_size=64, n_init=64, n_local=256, topk=4, exc_block_size=128, exact_tail=1)
-    with method(smollm2):
+    method = InfLLM(chunk_size=64, sink_tokens=64, recent_window=256, topk=4, query_block=128, exact_tail=1)
+    with method(smollm2) as installed:
         metrics = task.run(smollm2, on_sample=lambda record: None)
-        attended = method.trace()["chosen"]
+        attended = installed.trace()["chosen"]
     assert metrics["accuracy"] == 1.0
     needle_block = task.samples(smollm2.tokenizer)[0].needle_token // 64
     assert (attended[:, :, 1:5] == needle_block).any(axis=-1).mean() > 0.2

@@ -303,7 +303,7 @@ def test_builtin_suite_runs_end_to_end_with_depth_figure(tiny_lm, tmp_path, shor
     task = LongBench(source="builtin", lengths=[768], num_questions=2, datasets=["squad_retrieval", "squad_count"])
     run_dir = tmp_path / "run"
     # wandb offline, the CLI's default: its tables take only flat string column names
-    result = evaluate(tiny_lm, build_method("longheads", window_size=16, atten_length=64, block_size=4), task,
+    result = evaluate(tiny_lm, build_method("longheads", chunk_size=16, atten_length=64, query_block=4), task,
                       out_dir=run_dir, wandb_mode="offline", wandb_dir=tmp_path)
     assert read_provenance(run_dir)["status"] == "finished"
     assert set(result) >= {"squad_retrieval@768", "squad_count@768", "average@768", "seconds@768"}

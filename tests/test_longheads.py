@@ -16,7 +16,7 @@ SEQ = 200
 
 def lh(**params) -> LongHeads:
     """LongHeads at the tiny model's scale (the defaults are for 4k-token heads)."""
-    return LongHeads(**{"window_size": W, "atten_length": A, "block_size": 4, "exact_tail": 8, **params})
+    return LongHeads(**{"chunk_size": W, "atten_length": A, "query_block": 4, "exact_tail": 8, **params})
 
 
 def plain_rope(module_holder, x: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -95,26 +95,26 @@ def test_token_level_prefill_equals_plain_reference(tiny, ids):
         expected = logits(tiny, ids)
     finally:
         tiny.model.set_attn_implementation(previous)
-    got = logits(tiny, ids, lh(block_size=1))
+    got = logits(tiny, ids, lh(query_block=1))
     tolerance = rounding_tolerance(expected, model_chain(tiny.model.config, SEQ))
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
 
 def test_block_path_keeps_exact_tail_and_differs_in_bulk(tiny, ids):
-    per_token = logits(tiny, ids, lh(block_size=1))
-    block = logits(tiny, ids, lh(block_size=W, exact_tail=0))
+    per_token = logits(tiny, ids, lh(query_block=1))
+    block = logits(tiny, ids, lh(query_block=W, exact_tail=0))
     assert not torch.allclose(block, per_token, atol=1e-4)  # block selection is a real approximation...
-    one_block_per_query = logits(tiny, ids, lh(block_size=1, exact_tail=0))
+    one_block_per_query = logits(tiny, ids, lh(query_block=1, exact_tail=0))
     # ...and block size 1 is per-token selection, through the other code path: rounding only
     tolerance = rounding_tolerance(per_token, model_chain(tiny.model.config, SEQ))
     torch.testing.assert_close(one_block_per_query, per_token, atol=tolerance, rtol=0)
 
 
 def test_forced_chunks_and_distances(tiny, ids):
-    method = lh(block_size=4, record_selection=True)
-    with method(tiny), torch.no_grad():
+    method = lh(query_block=4, record_selection=True)
+    with method(tiny) as installed, torch.no_grad():
         tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
-        trace = method.trace()
+        trace = installed.trace()
     slots = A // W
     assert len(trace["steps"]) == 20  # one per generated token: prefill's last query, then 19 decode steps
     for step, chosen in enumerate(trace["steps"]):
@@ -129,19 +129,19 @@ def test_forced_chunks_and_distances(tiny, ids):
 
 
 def test_heads_choose_differently(tiny, ids):
-    method = lh(block_size=1, record_selection=True)
-    with method(tiny), torch.no_grad():
+    method = lh(query_block=1, record_selection=True)
+    with method(tiny) as installed, torch.no_grad():
         tiny.model(ids)
-    chosen = method.trace()["chosen"]
+    chosen = installed.trace()["chosen"]
     assert len({tuple(row) for row in chosen.reshape(-1, chosen.shape[-1]).tolist()}) > 1
 
 
 def test_decoding_equals_prefill_at_same_position(tiny, ids):
     """Per-token selection: decoding reproduces prefill exactly (documented difference: float rounding only)."""
-    method = lh(block_size=1)
+    method = lh(query_block=1)
     full_prefill = logits(tiny, ids, method)
-    with method(tiny), torch.no_grad():
-        cache = method.new_cache(tiny)
+    with method(tiny) as installed, torch.no_grad():
+        cache = installed.new_cache()
         tiny.model(ids[:, :130], **with_cache(tiny.model, cache))  # 130: mid-chunk, past the selective start
         steps = [tiny.model(ids[:, t : t + 1], **with_cache(tiny.model, cache)).logits[:, -1] for t in range(130, SEQ)]
     tolerance = rounding_tolerance(full_prefill, model_chain(tiny.model.config, SEQ))
@@ -162,12 +162,12 @@ def test_batch_of_two_equals_two_single_runs(sharp, kernel):
     method = lh(kernel=kernel)  # block selection in the bulk of the prefill, per token in its tail and in decoding
 
     def prefill_then_decode(batch: torch.Tensor) -> torch.Tensor:
-        cache = method.new_cache(tiny)
+        cache = installed.new_cache()
         prefill = tiny.model(batch[:, :150], **with_cache(tiny.model, cache)).logits
         steps = [tiny.model(batch[:, t : t + 1], **with_cache(tiny.model, cache)).logits for t in range(150, SEQ)]
         return torch.cat([prefill, *steps], dim=1)
 
-    with method(tiny), torch.no_grad():
+    with method(tiny) as installed, torch.no_grad():
         together = prefill_then_decode(ids)
         alone = torch.cat([prefill_then_decode(ids[b : b + 1]) for b in range(2)])
     # the same arithmetic per sequence; a batched matmul may only sum in another order
@@ -182,7 +182,7 @@ def test_beam_search_scores_equal_each_beams_own_prefill(sharp, ids):
     prefill of that beam's whole sequence gives (per-token selection: decoding equals prefill). With the cache left in
     its old order the scores were off by 1.9."""
     tiny = sharp
-    method = lh(block_size=1)
+    method = lh(query_block=1)
     prompt = ids[:, :150]
     with method(tiny), torch.no_grad():
         out = tiny.model.generate(
@@ -200,11 +200,11 @@ def test_beam_search_scores_equal_each_beams_own_prefill(sharp, ids):
 
 
 def test_cpu_offload_gives_same_logits(tiny, ids):
-    method = lh(block_size=4, cpu_offload=True)
-    expected = logits(tiny, ids, lh(block_size=4))
+    method = lh(query_block=4, cpu_offload=True)
+    expected = logits(tiny, ids, lh(query_block=4))
     torch.testing.assert_close(logits(tiny, ids, method), expected, atol=0, rtol=0)  # the same arithmetic, elsewhere
-    with method(tiny), torch.no_grad():
-        cache = method.new_cache(tiny)
+    with method(tiny) as installed, torch.no_grad():
+        cache = installed.new_cache()
         tiny.model(ids[:, :150], **with_cache(tiny.model, cache))
         assert all(layer.keys.device.type == "cpu" for layer in cache.layers)
         assert all(layer.host for layer in cache.layers)
@@ -229,10 +229,10 @@ def test_generate_runs_beyond_pretrained_length():
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"window_size": 16, "atten_length": 72}, "multiple of window_size"),
-        ({"window_size": 16, "atten_length": 32}, "first, previous, current"),
-        ({"window_size": 16, "atten_length": 64, "begin_selective_length": 48}, ">= atten_length"),
-        ({"window_size": 16, "atten_length": 64, "block_size": 5}, "must divide"),
+        ({"chunk_size": 16, "atten_length": 72}, "multiple of chunk_size"),
+        ({"chunk_size": 16, "atten_length": 32}, "first, previous, current"),
+        ({"chunk_size": 16, "atten_length": 64, "begin_selective_length": 48}, ">= atten_length"),
+        ({"chunk_size": 16, "atten_length": 64, "query_block": 5}, "must divide"),
     ],
 )
 def test_bad_parameters_give_clear_errors(params, message):
@@ -262,8 +262,8 @@ def test_model_without_rope_is_refused():
 
 
 def test_atten_length_above_pretrained_warns(tiny, caplog):
-    lh(atten_length=4 * tiny.pretrained_length).check_length(tiny, 1000)
-    assert "exceeds the pretrained length" in caplog.text
+    lh(atten_length=4 * tiny.pretrained_length).plan(tiny, 1000)
+    assert "exceeds the trained length" in caplog.text
 
 
 def test_padded_batch_is_refused(tiny, ids):
@@ -279,10 +279,10 @@ def test_embedded_model_finds_passkey_beyond_atten_length(smollm2):
     from longctx.tasks.passkey import Passkey
 
     task = Passkey(lengths=[1536], num_samples=1, depths=[0.3])
-    method = LongHeads(window_size=64, atten_length=512, block_size=16, record_selection=True)
-    with method(smollm2):
+    method = LongHeads(chunk_size=64, atten_length=512, query_block=16, record_selection=True)
+    with method(smollm2) as installed:
         metrics = task.run(smollm2, on_sample=lambda record: None)
-        chosen = method.trace()["chosen"]
+        chosen = installed.trace()["chosen"]
     assert metrics["accuracy"] == 1.0
     needle_chunk = task.samples(smollm2.tokenizer)[0].needle_token // 64
     assert (chosen == needle_chunk).any(axis=-1).mean() > 0.2  # many heads went and looked at the key

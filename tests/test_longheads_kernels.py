@@ -194,10 +194,10 @@ W, A = 16, 64
 
 def run_tiny(kernel: str, ids: torch.Tensor):
     lm = tiny_llama()
-    method = LongHeads(window_size=W, atten_length=A, block_size=4, exact_tail=8, record_selection=True, kernel=kernel)
-    with method(lm), torch.no_grad():
+    method = LongHeads(chunk_size=W, atten_length=A, query_block=4, exact_tail=8, record_selection=True, kernel=kernel)
+    with method(lm) as installed, torch.no_grad():
         logits = lm.model(ids).logits
-        chosen = method.trace()["chosen"]
+        chosen = installed.trace()["chosen"]
     return logits, chosen
 
 
@@ -212,10 +212,10 @@ def test_torch_kernel_equals_reference_on_the_model():
 
 def test_decoding_writes_in_place_and_the_cache_grows_geometrically():
     lm = tiny_llama()
-    method = LongHeads(window_size=W, atten_length=A, block_size=4, exact_tail=8)
+    method = LongHeads(chunk_size=W, atten_length=A, query_block=4, exact_tail=8)
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
-    with method(lm), torch.no_grad():
-        cache = method.new_cache(lm)
+    with method(lm) as installed, torch.no_grad():
+        cache = installed.new_cache()
         lm.model(ids, **with_cache(lm.model, cache))
         layer = cache.layers[0]
         capacities, pointers = [layer.key_store.shape[-2]], [layer.key_store.data_ptr()]
@@ -265,11 +265,11 @@ def test_torch_kernel_serves_every_query_count_itself(monkeypatch):
 
     monkeypatch.setattr(attention, "attend_reference", no_reference)
     lm = tiny_llama()
-    method = LongHeads(window_size=W, atten_length=A, block_size=4, exact_tail=8, kernel="torch")
+    method = LongHeads(chunk_size=W, atten_length=A, query_block=4, exact_tail=8, kernel="torch")
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(4))
     threads = torch.get_num_threads()
-    with method(lm), torch.no_grad():
-        cache = method.new_cache(lm)
+    with method(lm) as installed, torch.no_grad():
+        cache = installed.new_cache()
         lm.model(ids, **with_cache(lm.model, cache))
         lm.model(ids[:, :1], **with_cache(lm.model, cache))  # one decoding step
     assert torch.get_num_threads() == threads

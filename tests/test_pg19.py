@@ -249,7 +249,7 @@ def test_longheads_prefill_path_scores_segments_through_the_runner(tmp_path, lm)
     task = PG19Perplexity(lengths=[64, 512], segments_per_length=2, source="folder", path=str(folder))
     full = evaluate(lm, build_method("full"), task)
     longheads = build_method(
-        "longheads", window_size=32, atten_length=128, block_size=8, exact_tail=8, record_selection=True
+        "longheads", chunk_size=32, atten_length=128, query_block=8, exact_tail=8, record_selection=True
     )
     metrics = evaluate(lm, longheads, task, out_dir=tmp_path / "run")
     assert metrics["ppl@64"] == pytest.approx(full["ppl@64"], rel=1e-5)
@@ -262,17 +262,17 @@ def test_longheads_prefill_path_scores_segments_through_the_runner(tmp_path, lm)
 def test_aggregate_tables_and_plots_runs_written_by_the_api(tmp_path, lm):
     folder = write_books(tmp_path / "books", {"a": 1200, "b": 1200})
     task = PG19Perplexity(lengths=[64, 256], segments_per_length=2, source="folder", path=str(folder))
-    stale = evaluate(lm, build_method("window", window_size=16), task, out_dir=tmp_path / "cpu" / "2026-01-01_00-00")
-    window = evaluate(lm, build_method("window", window_size=32), task, out_dir=tmp_path / "gpu" / "2026-01-02_00-00")
+    stale = evaluate(lm, build_method("window", recent_window=16), task, out_dir=tmp_path / "cpu" / "2026-01-01_00-00")
+    window = evaluate(lm, build_method("window", recent_window=32), task, out_dir=tmp_path / "gpu" / "2026-01-02_00-00")
     full = evaluate(lm, build_method("full"), task, out_dir=tmp_path / "cpu" / "2026-01-03_00-00")
 
     runs = aggregate.load_runs(tmp_path / "cpu", tmp_path / "gpu")
     assert len(runs) == 6  # three runs x two lengths, found under both roots
     cells = aggregate.table(runs, "pg19", "ppl")
     assert cells.loc["full", 256] == f"{full['ppl@256']:.3g} (2)"
-    assert cells.loc["window w=32", 256] == f"{window['ppl@256']:.3g} (2)"
-    assert cells.loc["window w=16", 64] == f"{stale['ppl@64']:.3g} (2)"
+    assert cells.loc["window recent=32", 256] == f"{window['ppl@256']:.3g} (2)"
+    assert cells.loc["window recent=16", 64] == f"{stale['ppl@64']:.3g} (2)"
     curves = aggregate.load_curves(runs)
-    assert set(curves["label"]) == {"full", "window w=16", "window w=32"}
+    assert set(curves["label"]) == {"full", "window recent=16", "window recent=32"}
     figure = loss_by_position_by_method(curves, pretrained_length=128)
     assert len(figure.axes) == 2 and len(figure.axes[1].lines) == 3 + 1  # a curve per method, the pretrained line

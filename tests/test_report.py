@@ -280,7 +280,7 @@ by_method: correct
 ```report
 table: seconds
 metric: accuracy
-where: {method.window_size: [64, null]}
+where: {method.recent_window: [64, null]}
 every_run: true
 ```
 
@@ -294,8 +294,8 @@ lines: 2-3
 
 def test_blocks_pivot_drop_narrow_every_run_and_quote(project):
     results = project / "results"
-    passkey(results, "2026-02-01", "window", [True, False], window_size=64)
-    passkey(results, "2026-02-02", "window", [False, False], window_size=128)
+    passkey(results, "2026-02-01", "window", [True, False], window_size=64)  # recorded under the parameter's old name
+    passkey(results, "2026-02-02", "window", [False, False], recent_window=128)
     (results / "notes.txt").write_text("one\ntwo\nthree\nfour\n")
     (project / "conf" / "report" / "blocks.md").write_text(BLOCKS)
     report.main(["blocks"])
@@ -303,8 +303,8 @@ def test_blocks_pivot_drop_narrow_every_run_and_quote(project):
     # one row per sample, one column per method (the window dropped), from the run the report keeps
     assert "| length | depth | doubled | full |\n|---|---|---|---|\n| 4k | 0 | 0 | True |" in text
     assert "| 4k | 0.800 | 1.60 | False |" in text and "window" not in text.split("| method |")[0]
-    # every run of each configuration, the w=64 window (null keeps methods without the parameter), not w=128
+    # every run of each configuration, the 64-token window (null keeps methods without the parameter), not 128
     seconds = text.split("| method |")[1].split("## Run folders")[0]
     assert "| full | 4k | 2026-01-01 |" in seconds and "| full | 8k | 2026-01-02 |" in seconds
-    assert "2026-01-03" not in seconds and "window w=64" in seconds and "w=128" not in seconds
+    assert "2026-01-03" not in seconds and "window recent=64" in seconds and "recent=128" not in seconds
     assert "```\ntwo\nthree\n```" in text and "Files quoted: [results/notes.txt](../notes.txt)" in text

@@ -233,7 +233,7 @@ def test_a_length_with_no_room_for_a_haystack_fails_before_running(tiny_lm):
 def test_ruler_runs_end_to_end_with_depth_tables_and_figures(tiny_lm, tmp_path, wandb_sandbox):
     task = Ruler(tasks=["niah_single_1", "niah_multivalue", "vt"], lengths=[1024], num_samples=2)
     run_dir = tmp_path / "run"
-    method = build_method("longheads", window_size=16, atten_length=256, block_size=16)
+    method = build_method("longheads", chunk_size=16, atten_length=256, query_block=16)
     result = evaluate(tiny_lm, method, task, out_dir=run_dir, wandb_mode="offline", wandb_dir=tmp_path)
     assert read_provenance(run_dir)["status"] == "finished"
     records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]

@@ -37,7 +37,7 @@ TINY = {"passkey": {"task.lengths": "[256]", "task.num_samples": "1"},
         "pg19": {"task.lengths": "[256]", "task.segments_per_length": "1", "task.source": "folder"},
         "longbench": {"task.lengths": "[512]", "task.num_questions": "1"},
         "ruler": {"task.lengths": "[1024]", "task.num_samples": "1", "task.tasks": "[niah_single_1]"}}
-TINY_LONGHEADS = {"window_size": 16, "atten_length": 64, "block_size": 4, "exact_tail": 8}
+TINY_LONGHEADS = {"chunk_size": 16, "atten_length": 64, "query_block": 4, "exact_tail": 8}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_every_experiment_composes_and_runs_at_tiny_size(experiment, tiny_dir, t
         methods_run.add(cfg.method.name)
         if cfg.method.name == "longheads":
             if "method.atten_length" in cell:  # a swept geometry stays; the context must exceed A (and a chunk)
-                cfg.task.lengths = [cfg.method.atten_length + 2 * cfg.method.window_size]
+                cfg.task.lengths = [cfg.method.atten_length + 2 * cfg.method.chunk_size]
             else:
                 cfg.method.update(TINY_LONGHEADS)
         metrics, run_dir = run_from_config(cfg)
@@ -318,7 +318,7 @@ def test_notebook_executes_on_run_folders(tmp_path, tiny_dir, monkeypatch):
     nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
     results = tmp_path / "results"
     longheads = [f"method.{key}={value}" for key, value in TINY_LONGHEADS.items()]
-    for method, params in (("full", []), ("window", ["method.window_size=64"]), ("longheads", longheads)):
+    for method, params in (("full", []), ("window", ["method.recent_window=64"]), ("longheads", longheads)):
         for task in ("passkey", "pg19"):
             cfg = compose_cell(["model=hf", f"task={task}", f"method={method}", "seed=1", *params, *tiny_overrides({}, tiny_dir, task)], results)
             run_from_config(cfg)
@@ -397,3 +397,13 @@ def test_average_is_over_the_newest_score_of_each_dataset_across_runs(tmp_path):
     assert aggregate.table(runs, "ruler", "average").loc["full", 4096] == "25 (3)"
     assert aggregate.table(runs, "ruler", "niah_single_1").loc["full", 4096] == "50 (2)"
     assert aggregate.effective_lengths(runs, threshold=30.0).loc[("full", "m", "unknown", "auto")] == 0  # 25 < 30
+
+
+@pytest.mark.parametrize("label", ["model.name=../../escape", "method.name=a/b", "task.name=..hidden"])
+def test_a_label_that_is_a_path_is_refused_before_any_folder_exists(label, tmp_path):
+    """A label names the run folder: model.name=../../escape would write outside results/. One line, exit 2, no folder."""
+    done = run_cli(label, "logger=none", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip()
+    assert error.startswith("error: ") and "\n" not in error and "not a simple name" in error
+    assert not any(tmp_path.parent.glob("escape")) and not any(tmp_path.iterdir())

@@ -17,12 +17,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from longctx.registry import METHODS, default_config
+from longctx.tasks.base import split_metric_key
 from longctx.tracking import PROVENANCE_FILE, read_provenance
 
-# Method parameters that tell two runs of one method apart in a table label, when they differ across runs.
-LABEL_PARAMS = ("atten_length", "window_size", "block_size", "exact_tail", "factor", "sink_tokens", "cpu_offload",
-                "group_size", "neighbor_window", "chunk_size", "local_window", "n_global", "n_local", "d_max",
-                "topk", "summary", "sharing", "positions")
+# How a parameter reads in a table label, where the papers have a letter for it.
+LABEL_SHORT = {"atten_length": "A", "chunk_size": "chunk", "query_block": "qblock", "exact_tail": "tail",
+               "sink_tokens": "sinks", "recent_window": "recent", "cpu_offload": "offload", "group_size": "G"}
 # What a run measured on. Tables keep runs on different machines apart; numbers from a bfloat16 GPU run and a float32
 # CPU run of the same configuration are not the same measurement.
 MACHINE = ["model", "device", "dtype"]
@@ -59,9 +60,9 @@ def load_runs(*roots: str | Path) -> pd.DataFrame:
         }
         per_length: dict[int, dict[str, float]] = {}
         for key, value in metrics.items():
-            if "@" in key:
-                metric, length = key.split("@", 1)
-                per_length.setdefault(int(length), {})[metric] = value
+            metric, length = split_metric_key(key)
+            if length is not None:
+                per_length.setdefault(length, {})[metric] = value
         samples, per_dataset = _sample_counts(run_dir)
         for length, values in per_length.items():
             dataset_counts = {f"n.{dataset}": count for (at, dataset), count in per_dataset.items() if at == length}
@@ -99,13 +100,14 @@ def _sample_counts(run_dir: Path) -> tuple[dict[int, int], dict[tuple[int, str],
 
 
 def _with_defaults(method: dict) -> dict:
-    """A run's method config with today's defaults under it: a run recorded before a parameter existed ran what its
-    default means (the behaviour it was added to keep), so it is labelled and grouped with the runs that set it."""
-    from longctx.registry import METHODS, default_config
-
+    """A run's method config in today's names, with today's defaults under it: a run recorded before a parameter was
+    renamed carries its old name, and one recorded before a parameter existed ran what its default means (the
+    behaviour it was added to keep), so both are labelled and grouped with today's runs that set it."""
     if method.get("name") not in METHODS:
         return method
-    defaults = {key: value for key, value in default_config(method["name"], METHODS[method["name"]]).items()
+    cls = METHODS[method["name"]]
+    method = {cls.renamed.get(key, key): value for key, value in method.items()}
+    defaults = {key: value for key, value in default_config(method["name"], cls).items()
                 if value != "???" and not isinstance(value, (dict, list))}
     return {**defaults, **method}
 
@@ -120,12 +122,11 @@ def label_methods(runs: pd.DataFrame) -> pd.Series:
     """'longheads A=2048' style labels: the method plus whichever of its parameters vary within that method; a RoPE
     rescaling underneath always shows ('dca+yarn(factor=2)'), since it makes another method of it."""
     labels = runs["method"].copy()
-    short = {"atten_length": "A", "window_size": "w", "block_size": "block", "exact_tail": "tail", "sink_tokens": "sinks",
-             "cpu_offload": "offload", "group_size": "G", "neighbor_window": "W", "chunk_size": "s", "local_window": "w"}
     for method, group in runs.groupby("method"):
-        varying = [p for p in LABEL_PARAMS if f"method.{p}" in group and group[f"method.{p}"].nunique(dropna=False) > 1]
+        known = METHODS[method].label_params if method in METHODS else ()
+        varying = [p for p in known if f"method.{p}" in group and group[f"method.{p}"].nunique(dropna=False) > 1]
         for index, row in group.iterrows():
-            parts = [f"{short.get(p, p)}={_plain(row[f'method.{p}'])}" for p in varying]
+            parts = [f"{LABEL_SHORT.get(p, p)}={_plain(row[f'method.{p}'])}" for p in varying]
             rescaling = row.get("method.rope_scaling")
             labels[index] = " ".join([method + (f"+{rescaling}" if isinstance(rescaling, str) else ""), *parts])
     return labels

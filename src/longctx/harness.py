@@ -9,7 +9,7 @@ harness's) on a model loaded by `longctx.load_model` with a longctx method appli
 registered; from Python, `import longctx.harness` and then `lm_eval.simple_evaluate(model="longctx", ...)`.)
 
 `pretrained` is `embedded` (SmolLM2-135M-Instruct), `embedded:<name>` (`embedded:gemma3`), a local folder or a hub
-id. Keys that are fields of the method's dataclass (`atten_length`, `window_size`, `factor`...) configure the method;
+id. Keys that are fields of the method's dataclass (`atten_length`, `chunk_size`, `factor`...) configure the method;
 the others go to `HFLM`. `max_length` is passed to the harness explicitly: left unset, the harness falls back to the
 config's `max_position_embeddings` and silently cuts every longer prompt from the left, which would hide exactly
 what a long-context method is for. It is required for every method but `full` (whose default is the model's
@@ -32,7 +32,8 @@ except ImportError:  # the extra is optional: say how to get it, in one line
 
 from longctx.methods.base import AttentionMethod
 from longctx.models import load_model
-from longctx.registry import METHODS, build_method, parameters
+from longctx.methods.method import parameters, refuse_renamed
+from longctx.registry import METHODS, build_method
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class LongctxLM(HFLM):
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"longctx: unknown method {method!r}; valid: {', '.join(sorted(METHODS))}")
+        refuse_renamed(f"longctx: method {method}", METHODS[method].renamed, options)
         method_fields = {field.name for field in parameters(METHODS[method])}
         harness = harness_arguments()
         unknown = sorted(set(options) - method_fields - harness)
@@ -83,16 +85,15 @@ class LongctxLM(HFLM):
             device = "cpu"
         self.loaded = load_model(EMBEDDED_ALIASES.get(pretrained, pretrained), device=device, dtype=dtype)
         max_length = int(max_length or self.loaded.pretrained_length)
-        self.method.check_length(self.loaded, max_length)
-        self.method.apply(self.loaded)
+        self.installation = self.method.apply(self.loaded, max_length)
         super().__init__(
             pretrained=self.loaded.model, tokenizer=self.loaded.tokenizer, max_length=max_length,
             batch_size=batch_size, **{k: v for k, v in options.items() if k in harness},
         )
 
     def remove_method(self) -> None:
-        """Restore the model exactly (the method's `remove`)."""
-        self.method.remove(self.loaded)
+        """Restore the model exactly."""
+        self.installation.remove()
 
 
 def main() -> None:

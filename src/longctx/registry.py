@@ -7,14 +7,17 @@ same values. Experiments (conf/experiment/) hold only overrides.
 
 from __future__ import annotations
 
+import re
+import sys
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, Field, fields
+from dataclasses import MISSING
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from longctx.methods.base import Method
+from longctx.methods.method import Method, parameters, refuse_renamed
 from longctx.methods.dca import DualChunkAttention
 from longctx.methods.full import FullAttention
 from longctx.methods.infllm import InfLLM
@@ -61,6 +64,7 @@ def _build(kind: str, registry: dict[str, type[T]], name: str, params: dict[str,
     if name not in registry:
         raise RegistryError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
     cls = registry[name]
+    refuse_renamed(f"{kind} {name}", getattr(cls, "renamed", {}), params)
     valid = {f.name for f in parameters(cls)}
     unknown = sorted(set(params) - valid)
     if unknown:
@@ -107,7 +111,7 @@ def _describe(hint: Any) -> str:
 
 
 def build_method(name: str, **params: Any) -> Method:
-    """`build_method("longheads", window_size=256)` -> a configured method instance."""
+    """`build_method("longheads", chunk_size=256)` -> a configured method instance."""
     return _build("method", METHODS, name, params)
 
 
@@ -116,14 +120,9 @@ def build_task(name: str, **params: Any) -> Task:
     return _build("task", TASKS, name, params)
 
 
-def parameters(cls: type) -> list[Field]:
-    """The fields a user sets (the constructor's), not the private state a method keeps (`_saved`...)."""
-    return [field for field in fields(cls) if field.init and not field.name.startswith("_")]
-
-
 def default_config(name: str, cls: type) -> dict[str, Any]:
     """The config-group entry of a method or task: its name and every field's default. A task's `seed` follows the
-    run's top-level `seed`."""
+    run's top-level `seed` unless the task keeps a seed of its own (RULER: its prepare.py's 42)."""
     config: dict[str, Any] = {"name": name}
     for field in parameters(cls):
         if field.default is not MISSING:
@@ -132,12 +131,37 @@ def default_config(name: str, cls: type) -> dict[str, Any]:
             default = field.default_factory()
         else:
             default = "???"  # Hydra's "must be given"
-        config[field.name] = "${seed}" if field.name == "seed" else default
+        follows = field.name == "seed" and getattr(cls, "follows_run_seed", False)
+        config[field.name] = "${seed}" if follows else default
     return config
 
 
+# A label becomes part of a run folder's path: a simple name, never a path (no separator, no "..", not hidden).
+SIMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def label_problem(key: str, value: Any) -> str | None:
+    """Why `value` cannot be the label `key` (model.name, method.name, task.name, an experiment's name), or None."""
+    if SIMPLE_NAME.fullmatch(str(value)) and ".." not in str(value):
+        return None
+    fix = re.sub(r"[^A-Za-z0-9_.+=-]+", "_", str(value).replace("..", "_")).strip("._") or "run"
+    return f"{key}={value!r} is not a simple name (letters, digits and _ . + = -): it names the run folder; use e.g. {key}={fix}"
+
+
+def simple_label(value: Any, key: str) -> Any:
+    """The `${label:${model.name},model.name}` resolver of the run folder's path: the label itself, or, for anything
+    with a path separator or "..", one line on stderr and exit status 2, before Hydra creates a folder."""
+    problem = label_problem(key, value)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)  # SystemExit passes through OmegaConf and Hydra, which would wrap an exception in a long trace
+    return value
+
+
 def register_configs() -> None:
-    """Make every registered method and task a Hydra config-group option (idempotent)."""
+    """Make every registered method and task a Hydra config-group option, and the run-folder label check a resolver
+    (idempotent)."""
+    OmegaConf.register_new_resolver("label", simple_label, replace=True)
     store = ConfigStore.instance()
     for group, registry in (("method", METHODS), ("task", TASKS)):
         for name, cls in registry.items():

@@ -7,27 +7,18 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
-from longctx.methods.base import Method
+from longctx.methods.method import Installation, Method, Plan
 from longctx.models import LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
 from longctx.registry import build_method, build_task
-from longctx.tasks.base import Task
+from longctx.tasks.base import Task, split_metric_key
 from longctx.tracking import RunRecorder, config_hash, environment, find_finished, result_versions
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class DrawsSamples(Protocol):
-    """A method that can draw what it did on a sample (LongHeads: which chunks each head chose)."""
-
-    def sample_figures(self, record: dict[str, Any]) -> dict[str, Figure]:
-        """Figures (name -> Figure) of the sample just finished, described by the task's prediction record."""
 
 
 def evaluate(
@@ -49,9 +40,9 @@ def evaluate(
     """
     task.check(lm)  # bad input fails here, before a run folder or a wandb run exists; may settle task.max_length()
     method.check_device(lm.device)
-    method.check_length(lm, task.max_length())
+    plan = method.plan(lm, task.max_length())
     if out_dir is None:
-        return _measure(lm, method, task, on_sample=lambda record: None)
+        return _measure(lm, method, plan, task, on_sample=lambda installation, record: None)
     recorder = RunRecorder(
         out_dir, config or run_config(lm, method, task), environment(lm.device, lm.dtype),
         wandb_mode=wandb_mode, project=wandb_project, wandb_dir=wandb_dir, wandb_group=wandb_group,
@@ -59,25 +50,28 @@ def evaluate(
     )
     samples_drawn = 0
 
-    def on_sample(record: dict[str, Any]) -> None:
+    def on_sample(installation: Installation, record: dict[str, Any]) -> None:
         nonlocal samples_drawn
         recorder.log_sample(record)
-        if isinstance(method, DrawsSamples) and samples_drawn < max_sample_figures:
-            figures = method.sample_figures(record)
+        if samples_drawn < max_sample_figures:
+            figures = installation.sample_figures(record)
             for name, figure in figures.items():
                 recorder.log_figure(name, figure)
             samples_drawn += bool(figures)
 
     with recorder:
-        metrics = _measure(lm, method, task, on_sample)
+        metrics = _measure(lm, method, plan, task, on_sample)
         recorder.finish(metrics, task.tables(), task.figures())
     return metrics
 
 
-def _measure(lm: LoadedModel, method: Method, task: Task, on_sample) -> dict[str, float]:
+def _measure(lm: LoadedModel, method: Method, plan: Plan, task: Task, on_sample) -> dict[str, float]:
     started = time.perf_counter()
-    with method(lm):
-        metrics = task.run(lm, on_sample)
+    installation = method.install(lm, plan)
+    try:
+        metrics = task.run(lm, lambda record: on_sample(installation, record))
+    finally:
+        installation.remove()
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 
@@ -139,8 +133,8 @@ def summary_table(metrics: dict[str, float], title: str) -> str:
     rows: dict[str, dict[str, float]] = {}
     overall = {}
     for key, value in metrics.items():
-        if "@" in key:
-            metric, length = key.split("@", 1)
+        metric, length = split_metric_key(key)
+        if length is not None:
             rows.setdefault(length, {})[metric] = value
         else:
             overall[key] = value

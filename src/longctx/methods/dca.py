@@ -25,19 +25,17 @@ from typing import Any
 
 import torch
 
-from longctx.methods.base import AttentionMethod, MethodError
+from longctx.methods.base import AttentionMethod, AttentionPlan, MethodError, attention_call
 from longctx.methods.merge import attention_part, merge
 from longctx.methods.rope import rotate
 from longctx.models import LoadedModel
-
-ATTENTION_NAME = "longctx_dca"
 
 # Queries per attention call (a block never spans two chunks); only the block's own keys carry a (causal) mask.
 QUERY_BLOCK = 512
 
 
-@dataclass(frozen=True)
-class _Chunks:
+@dataclass(frozen=True, kw_only=True)
+class ChunksPlan(AttentionPlan):
     chunk_size: int  # s
     local_window: int  # w
 
@@ -62,11 +60,10 @@ def dca_attention(
     query [B, Hq, q, D] are the last q of the keys [B, Hkv, n, D] (the whole sequence from position 0, as a full
     cache holds it), all RoPE-rotated at their true positions by the layer's frequencies `module.longctx_inv_freq`.
     """
-    chunks: _Chunks = module.longctx_method.chunks
-    size, farthest = chunks.chunk_size, chunks.farthest
-    inv_freq = module.longctx_inv_freq
+    call = attention_call(module, query, key, dropout, kwargs)
+    chunks: ChunksPlan = call.plan
+    size, farthest, inv_freq, q_start = chunks.chunk_size, chunks.farthest, call.inv_freq, call.first
     q_len, kv_len = query.shape[2], key.shape[2]
-    q_start = kv_len - q_len
     device = query.device
     if kv_len > size:  # some query sees an earlier chunk: key j moves to j mod s, once per call
         positions = torch.arange(kv_len, device=device)
@@ -105,7 +102,7 @@ def dca_attention(
     return out.transpose(1, 2), None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DualChunkAttention(AttentionMethod):
     """Dual Chunk Attention (An et al. 2024): intra-, successive- and inter-chunk attention with chunk-local key
     positions, merged per query (see the module docstring). Cost: quadratic in the context (every query sees every
@@ -121,7 +118,7 @@ class DualChunkAttention(AttentionMethod):
     """
 
     name = "dca"
-    attention_name = ATTENTION_NAME
+    label_params = ("chunk_size", "local_window")
     attention_function = staticmethod(dca_attention)
     chunk_size: int | None = None
     local_window: int | None = None
@@ -133,22 +130,14 @@ class DualChunkAttention(AttentionMethod):
         if self.chunk_size is not None and self.local_window is not None and self.local_window > self.chunk_size:
             raise MethodError(f"dca: local_window ({self.local_window}) must not exceed chunk_size ({self.chunk_size})")
 
-    def resolved(self, lm: LoadedModel) -> _Chunks:
+    def resolve(self, lm: LoadedModel, max_length: int | None, trained_span: int) -> ChunksPlan:
         trained = lm.pretrained_length
         local = self.local_window if self.local_window is not None else trained // 16
         size = self.chunk_size if self.chunk_size is not None else 3 * trained // 4 - local
-        stretch = self.rope_stretch(lm)
-        if size + local > trained * stretch:
+        if size + local > trained_span:
+            stretch = trained_span / trained
             raise MethodError(
                 f"dca: chunk_size + local_window ({size} + {local}) must not exceed the trained length"
                 f" ({trained}{f' x rope factor {stretch:g}' if stretch != 1 else ''}): distances would reach unseen positions"
             )
-        return _Chunks(size, local)
-
-    def check_length(self, lm: LoadedModel, length: int) -> None:
-        super().check_length(lm, length)
-        self.resolved(lm)
-
-    def apply(self, lm: LoadedModel) -> None:
-        self.chunks = self.resolved(lm)  # the attention function reads s and w here
-        super().apply(lm)
+        return ChunksPlan(chunk_size=size, local_window=local)

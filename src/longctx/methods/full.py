@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from longctx.methods.base import Method
+from longctx.methods.method import Method
 
 
-@dataclass
+@dataclass(frozen=True)
 class FullAttention(Method):
     """The unmodified model: ordinary causal attention over the whole context, at true positions.
 

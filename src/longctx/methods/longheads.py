@@ -7,15 +7,13 @@ from dataclasses import dataclass
 
 from longctx.methods.base import MethodError
 from longctx.methods.retrieval.geometry import Geometry
-from longctx.methods.retrieval.method import Retrieval
+from longctx.methods.retrieval.method import Retrieval, RetrievalPlan
 from longctx.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-ATTENTION_NAME = "longheads"
 
-
-@dataclass
+@dataclass(frozen=True)
 class LongHeads(Retrieval):
     """Every head attends to the few chunks that matter to it, at remapped positions within the trained range.
 
@@ -23,11 +21,11 @@ class LongHeads(Retrieval):
     previous and current chunk its recent span, K - 3 retrieved chunks per head, consecutive slots.
 
     Args:
-        window_size: w, chunk length in tokens.
+        chunk_size: w, chunk length in tokens (the release's `window_size`).
         atten_length: A, tokens one head attends to per query (K = A / w chunks); keep it <= the pretrained length.
         begin_selective_length: B, prefix encoded with ordinary causal attention; None means A. Must be >= A.
-        block_size: prefill queries that share one chunk selection (1 = per token, as the authors' release;
-            larger is the fast path). Must divide window_size.
+        query_block: prefill queries that share one chunk selection (1 = per token, as the authors' release;
+            larger is the fast path). Must divide chunk_size.
         exact_tail: the last prefill queries always select per token: their outputs produce the answer.
         cpu_offload: keep the full key/value cache in host memory; only chosen chunks move to the accelerator.
         record_selection: keep the chunks chosen for the last query of every forward call (for heatmaps).
@@ -43,39 +41,40 @@ class LongHeads(Retrieval):
     """
 
     name = "longheads"
-    attention_name = ATTENTION_NAME
+    label_params = ("atten_length", "chunk_size", "query_block", "exact_tail", "cpu_offload", "summary", "sharing", "positions")
+    renamed = {"window_size": "chunk_size", "block_size": "query_block"}
     block_word = "chunk"
-    window_size: int = 256
+    chunk_size: int = 256
     # 2048, not the paper's 4096: on the embedded 8k model A=4096 found the passkey 15/20 at 16k, A=2048 20/20 (README)
     atten_length: int = 2048
     begin_selective_length: int | None = None
-    block_size: int = 64
+    query_block: int = 64
     exact_tail: int = 64
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         begin = self.begin_selective_length or self.atten_length
-        w, a = self.window_size, self.atten_length
+        w, a = self.chunk_size, self.atten_length
         if w <= 0 or a % w:
-            raise MethodError(f"longheads atten_length ({a}) must be a multiple of window_size ({w})")
+            raise MethodError(f"longheads atten_length ({a}) must be a multiple of chunk_size ({w})")
         if a // w < 3:
-            raise MethodError(f"longheads needs atten_length >= 3 * window_size (first, previous, current chunk); got {a}/{w}")
+            raise MethodError(f"longheads needs atten_length >= 3 * chunk_size (first, previous, current chunk); got {a}/{w}")
         if begin < a or begin % w:
-            raise MethodError(f"longheads begin_selective_length ({begin}) must be a multiple of window_size and >= atten_length ({a})")
-        if self.block_size <= 0 or w % self.block_size:
-            raise MethodError(f"longheads block_size ({self.block_size}) must divide window_size ({w})")
-        self.check_seams()
-        self.geometry = Geometry(
-            window=w, sink=1, top_k=a // w - 3, local=w, begin=begin, block=self.block_size,
+            raise MethodError(f"longheads begin_selective_length ({begin}) must be a multiple of chunk_size and >= atten_length ({a})")
+        if self.query_block <= 0 or w % self.query_block:
+            raise MethodError(f"longheads query_block ({self.query_block}) must divide chunk_size ({w})")
+        super().__post_init__()
+
+    def geometry(self) -> Geometry:
+        w = self.chunk_size
+        return Geometry(
+            window=w, sink=1, top_k=self.atten_length // w - 3, local=w,
+            begin=self.begin_selective_length or self.atten_length, block=self.query_block,
             exact_tail=max(0, self.exact_tail), gather_budget=self.gather_budget,
             one_distance=w - 1 if self.positions == "one_distance" else None,
         )
 
-    def check_length(self, lm: LoadedModel, length: int) -> None:
-        super().check_length(lm, length)
-        rope_factor = self.rope_stretch(lm)
-        if self.atten_length > lm.pretrained_length * rope_factor:
-            log.warning(
-                "longheads atten_length %d exceeds the pretrained length %d%s: heads will see unseen distances",
-                self.atten_length, lm.pretrained_length, f" x rope factor {rope_factor}" if rope_factor != 1 else "",
-            )
+    def resolve(self, lm: LoadedModel, max_length: int | None, trained_span: int) -> RetrievalPlan:
+        if self.atten_length > trained_span:
+            log.warning("longheads atten_length %d exceeds the trained length %d: heads will see unseen distances",
+                        self.atten_length, trained_span)
+        return super().resolve(lm, max_length, trained_span)

@@ -17,118 +17,141 @@ positions would only blur it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
-from longctx.methods.method import Method, MethodError
-from longctx.methods.rope import attention_layers
+from longctx.methods.method import Installation, Method, MethodError, Plan, parameters
+from longctx.methods.rope import AttentionLayer, attention_layers
 from longctx.models import LoadedModel
 
 
-@dataclass
+@dataclass(frozen=True)
+class RopePlan(Plan):
+    """factor: the stretch resolved for this model and length (None for dynamic NTK, whose stretch follows the
+    length); rope_parameters: what replaces the model's `config.rope_parameters`."""
+
+    factor: float | None = None
+    rope_parameters: Any = None
+
+
+@dataclass(frozen=True)
 class RopeScaling(Method):
     """Swap the model's `config.rope_parameters` for scaled ones and rebuild its rotary embedding from them.
 
+    factor=None: target length / pretrained length (at least 1); with no target length given, 1 (the trained range),
+    and an input longer than that is refused in one line.
     Cost: quadratic in the context (the model's own attention runs unchanged).
     """
 
+    label_params = ("factor",)
     factor: float | None = None
-    _target_length: int | None = field(default=None, init=False, repr=False, compare=False)
-    _saved: tuple[Any, dict[str, Any], torch.nn.Module, str, torch.nn.Module] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         if self.factor is not None and self.factor < 1:
             raise MethodError(f"{self.name}: factor must be >= 1 (got {self.factor})")
 
-    def aim(self, length: int) -> None:
-        """The length to serve: with factor=None the factor is derived from it. An attention method holding this
-        rescaling calls this instead of `check_length`: its own positions decide how far the rescaling must reach."""
-        self._target_length = length
+    def resolved_factor(self, pretrained_length: int, max_length: int | None) -> float | None:
+        """The stretch: `factor`, or the smallest one that covers `max_length` (1 when no length is given)."""
+        if self.factor is not None:
+            return float(self.factor)
+        return max(1.0, (max_length or pretrained_length) / pretrained_length)
 
-    def check_length(self, lm: LoadedModel, length: int) -> None:
-        # The runner calls this before `apply`.
-        self.aim(length)
-        if not getattr(self, "dynamic", False) and self.stretch(lm) * lm.pretrained_length < length:
-            raise MethodError(
-                f"{self.name} with factor {self.factor:g} reaches {int(self.factor * lm.pretrained_length)} tokens on a model"
-                f" trained on {lm.pretrained_length}, not {length}: set factor >= {length / lm.pretrained_length:g} or null"
-            )
+    def rope_parameters(self, params: dict[str, Any], rotary_dim: int, pretrained_length: int, max_length: int | None) -> dict[str, Any]:
+        """The rope parameters to use instead of `params` (a "default"-type dict holding `rope_theta`), for a model
+        trained on `pretrained_length` tokens and inputs of up to `max_length`: the one place this rescaling's
+        arithmetic lives, for any engine."""
+        if not isinstance(params, dict) or "rope_theta" not in params or params.get("rope_type", "default") != "default":
+            # already-scaled types (llama3, yarn...) would need their own arithmetic
+            raise MethodError(f"{self.name} needs a model with plain RoPE (rope_type 'default'); got {params}")
+        return self.scaled(dict(params), rotary_dim, pretrained_length, max_length)
 
-    def stretch(self, lm: LoadedModel) -> float:
-        """How many times the trained length the rescaled positions cover (the factor, resolved)."""
-        return self.factor if self.factor is not None else self.length_factor(lm)
-
-    def length_factor(self, lm: LoadedModel) -> float:
-        """Target length / pretrained length, at least 1: the smallest stretch that keeps positions in range."""
-        if self._target_length is None:
-            raise MethodError(f"{self.name}: factor=None needs check_length(lm, target_length) first, or set factor")
-        return max(1.0, self._target_length / lm.pretrained_length)
-
-    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
-        """The rope parameters to use instead of `params` (a "default"-type dict holding `rope_theta`)."""
+    def scaled(self, params: dict[str, Any], rotary_dim: int, pretrained_length: int, max_length: int | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _scaled_checked(self, lm: LoadedModel, params: Any, rotary_dim: int) -> dict[str, Any]:
-        # Already-scaled types (llama3, yarn...) would need their own arithmetic.
-        if not isinstance(params, dict) or "rope_theta" not in params or params.get("rope_type") != "default":
-            raise MethodError(f"{self.name} needs a model with plain RoPE (rope_type 'default'); got {params}")
-        return self.scaled(lm, dict(params), rotary_dim)
+    def plan(self, lm: LoadedModel, max_length: int | None = None) -> RopePlan:
+        plan = self.scaling_plan(lm, max_length)
+        if plan.factor is None:
+            return plan
+        reach = int(plan.factor * lm.pretrained_length)
+        if max_length is not None and reach < max_length:
+            raise MethodError(
+                f"{self.name} with factor {plan.factor:g} reaches {reach} tokens on a model trained on"
+                f" {lm.pretrained_length}, not {max_length}: set factor >= {max_length / lm.pretrained_length:g} or null"
+            )
+        return replace(plan, reach=reach)
 
-    def apply(self, lm: LoadedModel) -> None:
-        model_name = type(lm.model).__name__
+    def scaling_plan(self, lm: LoadedModel, max_length: int | None = None) -> RopePlan:
+        """The rescaled parameters, without a reach: what an attention method holding this rescaling plans with (its
+        own positions decide how far the model reaches)."""
+        factor = self.resolved_factor(lm.pretrained_length, max_length)
+        layers = self._rotary_layers(lm)
+        params = layers[0].rotary.config.rope_parameters
+        if layers[0].layer_type is None:
+            scaled = self.rope_parameters(params, 2 * layers[0].inv_freq.numel(), lm.pretrained_length, max_length)
+        else:
+            # only the global layer types: a local layer never sees a distance past its window
+            global_layers = [layer for layer in layers if not layer.is_local(lm.pretrained_length)] or layers
+            rotary_dims = {layer.layer_type: 2 * layer.inv_freq.numel() for layer in global_layers}
+            scaled = {**params, **{kind: self.rope_parameters(params[kind], dim, lm.pretrained_length, max_length)
+                                   for kind, dim in rotary_dims.items()}}
+        return RopePlan(factor=factor, rope_parameters=scaled)
+
+    def _rotary_layers(self, lm: LoadedModel) -> list[AttentionLayer]:
         try:
             layers = [layer for layer in attention_layers(lm.model) if layer.rotary is not None]
         except ValueError as error:
             raise MethodError(f"{self.name}: {error}") from None
-        rotaries = list({id(layer.rotary): layer.rotary for layer in layers}.values())
+        rotaries = {id(layer.rotary) for layer in layers}
         if len(rotaries) != 1:
             raise MethodError(
-                f"{self.name} needs a RoPE model with one rotary embedding module; {model_name} has {len(rotaries)}"
-                + (" (its attention layers get no rotary position embeddings)" if not rotaries else "")
+                f"{self.name} needs a RoPE model with one rotary embedding module; {type(lm.model).__name__} has"
+                f" {len(rotaries)}" + (" (its attention layers get no rotary position embeddings)" if not rotaries else "")
             )
-        rotary = rotaries[0]
+        return layers
+
+    def install(self, lm: LoadedModel, plan: RopePlan) -> Installation:
+        installation = Installation(self, lm, plan)
+        self.swap_rotary(lm, plan, installation)
+        return installation
+
+    def swap_rotary(self, lm: LoadedModel, plan: RopePlan, installation: Installation) -> None:
+        """Put the plan's rope parameters in the model's config and a rotary embedding built from them in the model;
+        the installation puts both back."""
+        rotary = self._rotary_layers(lm)[0].rotary
         config, params = rotary.config, rotary.config.rope_parameters
-        if layers[0].layer_type is None:
-            config.rope_parameters = self._scaled_checked(lm, params, 2 * layers[0].inv_freq.numel())
-        else:
-            global_layers = [layer for layer in layers if not layer.is_local(lm.pretrained_length)] or layers
-            rotary_dims = {layer.layer_type: 2 * layer.inv_freq.numel() for layer in global_layers}
-            config.rope_parameters = {
-                **params, **{kind: self._scaled_checked(lm, params[kind], dim) for kind, dim in rotary_dims.items()}
-            }
         name = next(name for name, module in lm.model.named_modules() if module is rotary)
         parent_name, _, attribute = name.rpartition(".")
         parent = lm.model.get_submodule(parent_name)
         buffer = next(rotary.buffers())
-        setattr(parent, attribute, type(rotary)(config=config).to(buffer.device, buffer.dtype))
-        self._saved = (config, params, parent, attribute, rotary)
+        config.rope_parameters = plan.rope_parameters
+        try:
+            setattr(parent, attribute, type(rotary)(config=config).to(buffer.device, buffer.dtype))
+        except BaseException:
+            config.rope_parameters = params
+            raise
 
-    def remove(self, lm: LoadedModel) -> None:
-        config, params, parent, attribute, rotary = self._saved
-        config.rope_parameters = params
-        setattr(parent, attribute, rotary)
-        self._saved = None
+        def restore() -> None:
+            config.rope_parameters = params
+            setattr(parent, attribute, rotary)
+
+        installation.on_remove(restore)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PositionInterpolation(RopeScaling):
     """Position Interpolation (Chen et al. 2023, "Extending Context Window of Large Language Models via Positional
     Interpolation"): position p is encoded as p / factor, squeezing the target length into the pretrained one.
 
-    factor=None: target length / pretrained length, taken from `check_length`.
+    factor=None: target length / pretrained length (see RopeScaling).
     """
 
     name = "pi"
 
-    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
-        return {**params, "rope_type": "linear", "factor": float(self.stretch(lm))}
+    def scaled(self, params: dict[str, Any], rotary_dim: int, pretrained_length: int, max_length: int | None) -> dict[str, Any]:
+        return {**params, "rope_type": "linear", "factor": self.resolved_factor(pretrained_length, max_length)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class NTKScaling(RopeScaling):
     """NTK-aware RoPE scaling (bloc97 2023, "NTK-Aware Scaled RoPE", r/LocalLLaMA): raise the RoPE base to
     base * factor ** (d / (d - 2)), d the rotary dim, so that the lowest frequency is interpolated by `factor` while
@@ -138,33 +161,34 @@ class NTKScaling(RopeScaling):
     length n as base * (factor * n / L - (factor - 1)) ** (d / (d - 2)) once n exceeds the pretrained length L and is
     plain RoPE within it. As in transformers, keys already cached keep the frequencies they were computed with.
 
-    factor=None: static -> target length / pretrained length (from `check_length`); dynamic -> 1, which makes the
-    scale at length n exactly n / L.
+    factor=None: static -> target length / pretrained length (see RopeScaling); dynamic -> 1, which makes the
+    scale at length n exactly n / L. Dynamic NTK reaches any length (its plan has no fixed factor).
     """
 
     name = "ntk"
+    label_params = ("factor", "dynamic")
     dynamic: bool = True
 
-    def stretch(self, lm: LoadedModel) -> float:
-        if self.dynamic:
-            raise MethodError("dynamic ntk has no fixed stretch: its frequencies change with the length")
-        return super().stretch(lm)
+    def resolved_factor(self, pretrained_length: int, max_length: int | None) -> float | None:
+        return None if self.dynamic else super().resolved_factor(pretrained_length, max_length)
 
-    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+    def plan(self, lm: LoadedModel, max_length: int | None = None) -> RopePlan:
+        # transformers measures the pretrained length of dynamic NTK as config.max_position_embeddings
+        if self.dynamic and lm.model.config.max_position_embeddings != lm.pretrained_length:
+            raise MethodError(
+                f"dynamic ntk scales from config.max_position_embeddings={lm.model.config.max_position_embeddings}"
+                f" but the pretrained length is {lm.pretrained_length}; use dynamic=false"
+            )
+        return super().plan(lm, max_length)
+
+    def scaled(self, params: dict[str, Any], rotary_dim: int, pretrained_length: int, max_length: int | None) -> dict[str, Any]:
         if self.dynamic:
-            # transformers measures the pretrained length as config.max_position_embeddings.
-            if lm.model.config.max_position_embeddings != lm.pretrained_length:
-                raise MethodError(
-                    f"dynamic ntk scales from config.max_position_embeddings={lm.model.config.max_position_embeddings}"
-                    f" but the pretrained length is {lm.pretrained_length}; use dynamic=false"
-                )
-            factor = self.factor if self.factor is not None else 1.0
-            return {**params, "rope_type": "dynamic", "factor": float(factor)}
-        factor = self.stretch(lm)
+            return {**params, "rope_type": "dynamic", "factor": float(self.factor if self.factor is not None else 1.0)}
+        factor = self.resolved_factor(pretrained_length, max_length)
         return {**params, "rope_theta": params["rope_theta"] * factor ** (rotary_dim / (rotary_dim - 2))}
 
 
-@dataclass
+@dataclass(frozen=True)
 class YaRN(RopeScaling):
     """YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models"), through
     transformers' `yarn` rope type, with a static factor s = `factor`:
@@ -176,7 +200,7 @@ class YaRN(RopeScaling):
     * attention temperature: cos and sin are multiplied by 0.1 ln(s) + 1, so every attention logit is scaled by its
       square (the paper's sqrt(1/t) = 0.1 ln(s) + 1).
 
-    factor: s; None means target length / pretrained length (from `check_length`), at least 1. factor 1 is the plain
+    factor: s; None means target length / pretrained length (see RopeScaling), at least 1. factor 1 is the plain
         model (no dimension is interpolated and the temperature is 1).
     beta_fast, beta_slow: the ramp's bounds in rotations over the trained length (the paper's alpha = 1, beta = 32 for
         Llama, written in transformers' names).
@@ -198,12 +222,12 @@ class YaRN(RopeScaling):
         if not 0 < self.beta_slow < self.beta_fast:
             raise MethodError(f"yarn: need 0 < beta_slow < beta_fast (got {self.beta_slow}, {self.beta_fast})")
 
-    def scaled(self, lm: LoadedModel, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+    def scaled(self, params: dict[str, Any], rotary_dim: int, pretrained_length: int, max_length: int | None) -> dict[str, Any]:
         return {
             **params,
             "rope_type": "yarn",
-            "factor": float(self.stretch(lm)),
-            "original_max_position_embeddings": lm.pretrained_length,
+            "factor": self.resolved_factor(pretrained_length, max_length),
+            "original_max_position_embeddings": pretrained_length,
             "beta_fast": float(self.beta_fast),
             "beta_slow": float(self.beta_slow),
         }
@@ -224,7 +248,7 @@ def rope_scaling_value(value: RopeScaling | dict[str, Any] | None, owner: str) -
         name = params.pop("name", None)
         if name not in RESCALINGS:
             raise MethodError(f"{owner}: rope_scaling needs name: one of {', '.join(RESCALINGS)} (got {name!r})")
-        valid = {f.name for f in fields(RESCALINGS[name]) if f.init and not f.name.startswith("_")}
+        valid = {field.name for field in parameters(RESCALINGS[name])}
         if set(params) - valid:
             raise MethodError(f"{owner}: rope_scaling {name} has no parameter {', '.join(sorted(set(params) - valid))}; valid: {', '.join(sorted(valid))}")
         rescaling = RESCALINGS[name](**params)

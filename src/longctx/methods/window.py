@@ -1,7 +1,7 @@
 """Sliding-window attention with attention sinks, the StreamingLLM way (Xiao et al. 2023, "Efficient Streaming
 Language Models with Attention Sinks").
 
-A query at absolute position t attends to the first S = `sink_tokens` tokens and to the W = `window_size` most
+A query at absolute position t attends to the first S = `sink_tokens` tokens and to the W = `recent_window` most
 recent ones, itself included: keys j with t - W < j <= t. The tokens in between are evicted. Positions are assigned
 inside the window, so no query-key distance ever reaches S + W:
 
@@ -25,21 +25,19 @@ import torch.nn.functional as F
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from longctx.methods.base import AttentionMethod, MethodError, causal_attention
+from longctx.methods.base import AttentionInstallation, AttentionMethod, AttentionPlan, MethodError, attention_call, causal_attention
 from longctx.methods.rope import rotate
 from longctx.models import LoadedModel
-
-ATTENTION_NAME = "longctx_window"
 
 # Queries per block once eviction has started: a block needs the sinks plus a band of (block + W - 1) keys, so work
 # stays O(block * (S + W)) instead of O(N^2).
 QUERY_BLOCK = 512
 
 
-@dataclass(frozen=True)
-class _Window:
-    sink_tokens: int
-    window_size: int
+@dataclass(frozen=True, kw_only=True)
+class WindowPlan(AttentionPlan):
+    sink_tokens: int  # S
+    recent_window: int  # W
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -50,9 +48,9 @@ class SinkWindowLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, sink_tokens: int, window_size: int) -> None:
+    def __init__(self, sink_tokens: int, recent_window: int) -> None:
         super().__init__()
-        self.sink_tokens, self.window_size = sink_tokens, window_size
+        self.sink_tokens, self.recent_window = sink_tokens, recent_window
         self.cumulative_length = 0
 
     def update(
@@ -67,7 +65,7 @@ class SinkWindowLayer(DynamicLayer):
         return keys, values  # this step's queries may still need the tokens just evicted
 
     def _evict(self, states: torch.Tensor) -> torch.Tensor:
-        length, keep = states.shape[-2], self.window_size - 1
+        length, keep = states.shape[-2], self.recent_window - 1
         if length <= self.sink_tokens + keep:
             return states
         # cat copies, so the full-length tensor of a long prefill is freed after this step instead of kept as a view.
@@ -84,19 +82,19 @@ class SinkWindowCache(Cache):
     window, as the model's own cache does.
     """
 
-    def __init__(self, sink_tokens: int, window_size: int, num_layers: int, local_windows: dict[int, int] | None = None) -> None:
+    def __init__(self, sink_tokens: int, recent_window: int, num_layers: int, local_windows: dict[int, int] | None = None) -> None:
         local_windows = local_windows or {}
         super().__init__(
             layers=[
                 DynamicSlidingWindowLayer(local_windows[index]) if index in local_windows
-                else SinkWindowLayer(sink_tokens, window_size)
+                else SinkWindowLayer(sink_tokens, recent_window)
                 for index in range(num_layers)
             ]
         )
 
 
 def sink_window_cache(
-    config, cache: Cache | None, use_cache: bool | None, sink_tokens: int, window_size: int, local_windows: dict[int, int]
+    config, cache: Cache | None, use_cache: bool | None, sink_tokens: int, recent_window: int, local_windows: dict[int, int]
 ) -> Cache | None:
     """The cache a forward call of a sinks + recent-window method should use (StreamingLLM, LM-Infinite): a fresh
     `SinkWindowCache` where the call would start a cache, else the one it was given."""
@@ -104,7 +102,7 @@ def sink_window_cache(
     # generate() hands in an empty DynamicCache; swap it before anything is stored so memory stays bounded.
     if fresh or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
         layers = config.get_text_config(decoder=True).num_hidden_layers
-        return SinkWindowCache(sink_tokens, window_size, layers, local_windows)
+        return SinkWindowCache(sink_tokens, recent_window, layers, local_windows)
     return cache
 
 
@@ -124,20 +122,12 @@ def window_attention(
     [B, Hkv, kv, D] are the sinks followed by a contiguous run of tokens, as `SinkWindowCache` (or any full cache)
     keeps them. `attention_mask` is None: transformers builds no mask for an unknown implementation.
     """
-    method = getattr(module, "longctx_method", None)
-    window = getattr(method, "window", None)
-    position_ids = kwargs.get("position_ids")
-    if window is None or position_ids is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention needs SlidingWindow applied and position_ids passed")
-    sinks, size = window.sink_tokens, window.window_size
+    call = attention_call(module, query, key, dropout, kwargs, sinks=module.longctx.plan.sink_tokens)
+    plan: WindowPlan = call.plan
+    sinks, size, first, offset = plan.sink_tokens, plan.recent_window, call.first, call.offset
+    inv_freq, dropout = call.inv_freq, call.dropout
     batch, q_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
-    first = int(position_ids[0, 0])
-    offset = first + q_len - kv_len  # key slot of absolute position p >= sinks is p - offset
-    if offset < 0 or (offset > 0 and kv_len <= sinks):
-        raise RuntimeError(f"{ATTENTION_NAME}: {kv_len} cached keys do not fit queries at {first}..{first + q_len - 1}")
-    inv_freq = module.longctx_inv_freq  # this layer's RoPE
-    dropout = dropout if module.training else 0.0
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     # Before eviction starts (t < S + W) a query sees every key at its true position: plain causal attention.
     before_eviction = min(max(sinks + size - first, 0), q_len)  # offset is 0 then: nothing has been evicted yet
@@ -181,36 +171,33 @@ def window_attention(
     return out.transpose(1, 2), None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlidingWindow(AttentionMethod):
-    """StreamingLLM (Xiao et al. 2023): attend to `sink_tokens` initial tokens plus the `window_size` most recent,
+    """StreamingLLM (Xiao et al. 2023): attend to `sink_tokens` initial tokens plus the `recent_window` most recent,
     with positions assigned inside the window (see the module docstring), evicting the rest from the KV cache.
 
-    window_size=None: pretrained length - sink_tokens, so distances stay within the pretrained length.
+    recent_window=None: pretrained length - sink_tokens, so distances stay within the pretrained length.
     Works with plain `model(...)` and `model.generate(...)`; batches must not be padded.
     """
 
     name = "window"
-    attention_name = ATTENTION_NAME
+    label_params = ("sink_tokens", "recent_window")
+    renamed = {"window_size": "recent_window"}
     attention_function = staticmethod(window_attention)
     sink_tokens: int = 4
-    window_size: int | None = None
+    recent_window: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sink_tokens < 0 or (self.window_size is not None and self.window_size < 1):
-            raise MethodError(f"window: need sink_tokens >= 0 and window_size >= 1 (got {self})")
+        if self.sink_tokens < 0 or (self.recent_window is not None and self.recent_window < 1):
+            raise MethodError(f"window: need sink_tokens >= 0 and recent_window >= 1 (got {self.sink_tokens}, {self.recent_window})")
 
-    def resolved_window(self, lm: LoadedModel) -> int:
-        """The number of recent tokens each query sees."""
-        size = self.window_size if self.window_size is not None else lm.pretrained_length - self.sink_tokens
+    def resolve(self, lm: LoadedModel, max_length: int | None, trained_span: int) -> WindowPlan:
+        size = self.recent_window if self.recent_window is not None else lm.pretrained_length - self.sink_tokens
         if size < 1:
             raise MethodError(f"window: sink_tokens={self.sink_tokens} leaves no window in {lm.pretrained_length}")
-        return size
+        return WindowPlan(sink_tokens=self.sink_tokens, recent_window=size)
 
-    def apply(self, lm: LoadedModel) -> None:
-        self.window = _Window(self.sink_tokens, self.resolved_window(lm))
-        super().apply(lm)
-
-    def prepare_cache(self, config, cache: Cache | None, use_cache: bool | None) -> Cache | None:
-        return sink_window_cache(config, cache, use_cache, self.window.sink_tokens, self.window.window_size, self.local_windows)
+    def prepare_cache(self, installation: AttentionInstallation, config, cache: Cache | None, use_cache: bool | None) -> Cache | None:
+        plan: WindowPlan = installation.plan
+        return sink_window_cache(config, cache, use_cache, plan.sink_tokens, plan.recent_window, installation.local_windows)

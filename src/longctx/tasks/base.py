@@ -19,6 +19,13 @@ from longctx.models import LoadedModel
 SampleCallback = Callable[[dict[str, Any]], None]
 
 
+def split_metric_key(key: str) -> tuple[str, int | None]:
+    """A task's metrics are keyed `<metric>@<length>` per input length (`accuracy@4096`) or `<metric>` for the run:
+    "accuracy@4096" -> ("accuracy", 4096), "wall_seconds" -> ("wall_seconds", None)."""
+    metric, separator, length = key.rpartition("@")
+    return (metric, int(length)) if separator and length.isdigit() else (key, None)
+
+
 class TaskError(ValueError):
     """Bad task input (missing data, impossible length); the message names the fix."""
 
@@ -28,6 +35,8 @@ class Task:
     """Base of all tasks. A task knows nothing of methods: it only calls the model."""
 
     name: ClassVar[str] = "base"
+    # a task whose `seed` field draws its samples: True = that seed follows the run's top-level `seed` by default
+    follows_run_seed: ClassVar[bool] = True
 
     def max_length(self) -> int:
         """The longest input, in tokens, this task will feed the model (checked against the method first)."""

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from longctx.methods.base import causal_attention
+from longctx.methods.base import attention_call, causal_attention
 from longctx.methods.retrieval.cache import RetrievalCache
 from longctx.methods.retrieval.geometry import Geometry
 from longctx.methods.retrieval.kernels import attend_reference, attend_torch
@@ -36,22 +36,23 @@ QUERY_PIECE = 32768
 
 def retrieval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' `AttentionInterface` for every retrieval method."""
-    method = module.longctx_method
-    with cpu_threads(method.cpu_threads, query.device):
-        return attend_layer(method, module, query, key, value, scaling), None
+    call = attention_call(module, query, key, dropout, kwargs)
+    with cpu_threads(call.plan.cpu_threads, query.device):
+        return attend_layer(call.installation, module, query, key, value, scaling), None
 
 
-def attend_layer(method, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
+def attend_layer(installation, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Steps 1-4 of the module docstring for one layer: the output [B, L, Hq, D]."""
-    cache: RetrievalCache = method.active_cache
-    geometry: Geometry = method.geometry
-    summary = method.summary_kind
+    cache: RetrievalCache = installation.active_cache
+    plan = installation.plan
+    geometry: Geometry = plan.geometry
+    summary = plan.summary
     inv_freq = module.longctx_inv_freq  # this layer's RoPE (layer types may differ, e.g. Gemma 3)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, q_heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     q_start = kv_len - q_len
-    kernel = choose_kernel(method.kernel, query, key)
+    kernel = choose_kernel(plan.kernel, query, key)
     state = cache.layer_state(module.layer_idx)
     summary.start(state, query, key, value, geometry, inv_freq, scaling)
 
@@ -71,7 +72,7 @@ def attend_layer(method, module, query: torch.Tensor, key: torch.Tensor, value: 
     if key.device != query.device and q_len > 1:
         # cpu_offload prefill: the layer's cache crosses once, not once per query group
         key, value = key.to(query.device, non_blocking=True), value.to(query.device, non_blocking=True)
-    units = selection_units(method.sharing, q_heads, key.shape[1])
+    units = selection_units(plan.sharing, q_heads, key.shape[1])
     last = None
     for start, end, block in query_runs(position, kv_len, geometry, q_len):
         span = max(block, geometry.window)  # queries that share one recent span
@@ -84,7 +85,7 @@ def attend_layer(method, module, query: torch.Tensor, key: torch.Tensor, value: 
             summary.before(state, key, piece, geometry, inv_freq, query.device)
             chosen = select(kernel, query[:, :, rows], state, piece, block, geometry, units, summary, inv_freq)
             if kernel == "triton":
-                table = method.shift_table(inv_freq, -(-kv_len // geometry.window) + 1, query.device)
+                table = installation.shift_table(inv_freq, -(-kv_len // geometry.window) + 1, query.device)
                 lse = triton_attend(
                     query[:, :, rows], key, value, chosen, piece, block, geometry, inv_freq, table, scaling, out[:, rows]
                 )

