@@ -86,10 +86,13 @@ def result_versions(device: torch.device) -> dict[str, str | None]:
     }
 
 
-# Sampling window of `busy_processes`: long enough for a busy process to accumulate clock ticks (10 ms each), short
-# enough to add little to a run (it is taken at the start and at the end).
+# `busy_processes` looks at every process BUSY_LOOKS times over BUSY_WINDOW_S seconds: long enough for a busy
+# process to be seen running and to accumulate clock ticks (10 ms each), short enough to add little to a run (it is
+# taken at the start and at the end).
 BUSY_WINDOW_S = 0.1
-# A process counts as busy when it kept at least this share of one core over the window.
+BUSY_LOOKS = 5
+# ... and counts a process as busy when it was running or waiting for a core in at least half the looks, or used at
+# least this share of one core over the window.
 BUSY_SHARE = 0.5
 
 
@@ -124,14 +127,22 @@ def _cpu_seconds_by_process() -> dict[int, float]:
 
 
 def busy_processes(window: float = BUSY_WINDOW_S) -> list[int]:
-    """Processes other than this one and its descendants that kept at least BUSY_SHARE of a core busy over
-    `window` seconds: the jobs that would slow a timing down."""
+    """Processes other than this one and its descendants that compete for the cores: running or runnable (waiting for
+    a core) in at least half of BUSY_LOOKS looks over `window` seconds, or using at least BUSY_SHARE of a core. Both,
+    because on an overloaded machine a spinning job gets a small share of a core but is always runnable, and a job
+    whose worker threads compute while its main thread waits uses CPU without looking runnable."""
     own = _process_tree(os.getpid())
     before = _cpu_seconds_by_process()
-    time.sleep(window)
+    runnable: dict[int, int] = {}
+    for _ in range(BUSY_LOOKS):
+        for process in psutil.process_iter(["status"]):
+            if process.info["status"] == psutil.STATUS_RUNNING:
+                runnable[process.pid] = runnable.get(process.pid, 0) + 1
+        time.sleep(window / BUSY_LOOKS)
     after = _cpu_seconds_by_process()
-    return sorted(pid for pid, seconds in after.items()
-                  if pid not in own and pid in before and seconds - before[pid] >= BUSY_SHARE * window)
+    busy = {pid for pid, looks in runnable.items() if 2 * looks >= BUSY_LOOKS}
+    busy |= {pid for pid, seconds in after.items() if pid in before and seconds - before[pid] >= BUSY_SHARE * window}
+    return sorted(busy - own)
 
 
 def machine_load() -> dict[str, Any]:
