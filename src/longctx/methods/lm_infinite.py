@@ -93,8 +93,7 @@ class LMInfinite(AttentionMethod):
     recent_window: recent tokens each query sees, itself included (the paper's n_local). None: the trained length L
         (the paper's L_pretrain).
     d_max: the distance of every global token outside the local window. None: recent_window, as the authors' code sets
-        it (both are L in the paper). A d_max far above recent_window leaves a gap of distances no query sees; on the
-        embedded model recent_window 1024 with d_max 8192 lost a 2k passkey that d_max 1024 found.
+        it (both are L in the paper). A d_max far above recent_window leaves a gap of distances no query sees.
     rope_scaling: optional PI / static NTK / YaRN underneath (see AttentionMethod).
     """
 

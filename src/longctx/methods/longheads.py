@@ -45,7 +45,7 @@ class LongHeads(Retrieval):
     renamed = {"window_size": "chunk_size", "block_size": "query_block"}
     block_word = "chunk"
     chunk_size: int = 256
-    # 2048, not the paper's 4096: on the embedded 8k model A=4096 found the passkey 15/20 at 16k, A=2048 20/20 (README)
+    # 2048, not the paper's 4096: see docs/methods.md (LongHeads) and the passkey_h100 report, "How A was chosen"
     atten_length: int = 2048
     begin_selective_length: int | None = None
     query_block: int = 64

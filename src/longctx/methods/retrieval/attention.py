@@ -107,11 +107,9 @@ def attend_layer(installation, module, query: torch.Tensor, key: torch.Tensor, v
 def cpu_threads(threads: int, device: torch.device):
     """Run the retrieval attention on `threads` of torch's intra-op threads on a CPU (0: leave torch's setting).
 
-    Its operations are many and mid-sized (per batch of query groups). On an idle CPU every thread helps (SmolLM2's
-    shape with 4 layers, LongHeads' 32k prefill on 2 idle cores: 21.6 s with the attention on 1 thread, 16.2 s on
-    torch's 2; InfLLM: 27.9 and 21.7 s), so the default is torch's setting. When other jobs share a small CPU, each
-    parallel operation waits for a thread that is not running: there 1 thread is faster (the same prefill with 2
-    layers, a test suite sharing the 2 cores: 24.0 s on 2 threads, 16.5 s on 1).
+    Its operations are many and mid-sized (per batch of query groups): on an idle CPU every thread helps, so the
+    default is torch's setting; when other jobs share a small CPU, each parallel operation waits for a thread that is
+    not running, and 1 thread is faster (docs/methods.md, `cpu_threads`; the speed report's CPU runs).
     """
     if device.type != "cpu" or not threads:
         yield
